@@ -1,0 +1,26 @@
+"""saep-kernels: fused GPU/CPU kernels for the SAEP vision-language projector.
+
+    >>> import saep_kernels
+    >>> y = saep_kernels.fused_aggregate(layers, weight, bias, num_prefix_tokens=1)
+    >>> proj = saep_kernels.SAEPProjector(vision_dim=1024, num_layers=4, llm_dim=4096)
+"""
+
+from ._checks import Geometry
+from .backends import BACKENDS, BackendUnavailable, available_backends
+from .modules import SAEPProjector
+from .ops import FusedAggregateFunction, fused_aggregate
+from .reference import fused_aggregate_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "FusedAggregateFunction",
+    "Geometry",
+    "SAEPProjector",
+    "available_backends",
+    "fused_aggregate",
+    "fused_aggregate_reference",
+    "__version__",
+]

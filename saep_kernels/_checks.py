@@ -1,0 +1,187 @@
+"""Argument checking for ``fused_aggregate``: done once, at the public boundary.
+
+Every error names the argument and states the expected versus the given value, so a user
+who passes the wrong layer list or the wrong depthwise weight sees what to fix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+POOL_MODES = ("avg", "max")
+KERNEL_SIZES = (1, 3, 5, 7)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Resolved sizes of one ``fused_aggregate`` call."""
+
+    batch: int
+    tokens: int
+    channels: int
+    num_layers: int
+    height: int
+    width: int
+    num_prefix_tokens: int
+    kernel_size: int
+
+    @property
+    def out_height(self) -> int:
+        return (self.height + 1) // 2
+
+    @property
+    def out_width(self) -> int:
+        return (self.width + 1) // 2
+
+    @property
+    def out_tokens(self) -> int:
+        return self.out_height * self.out_width
+
+    @property
+    def out_channels(self) -> int:
+        return self.num_layers * self.channels
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def resolve_grid(grid, tokens: int, num_prefix_tokens: int) -> Tuple[int, int]:
+    """(H, W) from ``grid`` or, when it is None, the square grid of the non-prefix tokens."""
+    patch_tokens = tokens - num_prefix_tokens
+    if grid is None:
+        side = math.isqrt(max(patch_tokens, 0))
+        if side * side != patch_tokens or side == 0:
+            raise ValueError(
+                f"grid=None needs a square number of patch tokens, but hidden_states have "
+                f"T - num_prefix_tokens = {tokens} - {num_prefix_tokens} = {patch_tokens}; "
+                f"pass grid=(H, W) explicitly"
+            )
+        return side, side
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2 or not all(_is_int(g) for g in grid):
+        raise TypeError(f"grid must be None or a pair of ints (H, W), got {grid!r}")
+    height, width = int(grid[0]), int(grid[1])
+    if height <= 0 or width <= 0:
+        raise ValueError(f"grid must be positive, got grid=({height}, {width})")
+    if height * width != patch_tokens:
+        raise ValueError(
+            f"grid=({height}, {width}) holds {height * width} tokens but hidden_states have "
+            f"T - num_prefix_tokens = {tokens} - {num_prefix_tokens} = {patch_tokens}"
+        )
+    return height, width
+
+
+def check_inputs(
+    hidden_states: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    grid,
+    num_prefix_tokens: int,
+    residual: bool,
+    pool: str,
+) -> Geometry:
+    """Validate the arguments of ``fused_aggregate`` and return the resolved geometry."""
+    if isinstance(hidden_states, torch.Tensor) or not isinstance(hidden_states, (list, tuple)):
+        raise TypeError(
+            "hidden_states must be a list or tuple of K tensors of shape [B, T, C], "
+            f"got {type(hidden_states).__name__}"
+        )
+    if len(hidden_states) == 0:
+        raise ValueError("hidden_states must hold at least one tensor, got an empty sequence")
+    first = hidden_states[0]
+    for i, h in enumerate(hidden_states):
+        if not isinstance(h, torch.Tensor):
+            raise TypeError(f"hidden_states[{i}] must be a torch.Tensor, got {type(h).__name__}")
+        if h.dim() != 3:
+            raise ValueError(
+                f"hidden_states[{i}] must have shape [B, T, C], got {tuple(h.shape)}"
+            )
+        if h.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"hidden_states[{i}] must be float16, bfloat16, float32 or float64, got {h.dtype}"
+            )
+        if h.dtype != first.dtype:
+            raise TypeError(
+                f"hidden_states must share one dtype: hidden_states[0] is {first.dtype}, "
+                f"hidden_states[{i}] is {h.dtype}"
+            )
+        if h.device != first.device:
+            raise ValueError(
+                f"hidden_states must share one device: hidden_states[0] is on {first.device}, "
+                f"hidden_states[{i}] is on {h.device}"
+            )
+        if h.shape != first.shape:
+            raise ValueError(
+                f"hidden_states must share one shape [B, T, C]: hidden_states[0] is "
+                f"{tuple(first.shape)}, hidden_states[{i}] is {tuple(h.shape)}"
+            )
+    batch, tokens, channels = (int(s) for s in first.shape)
+    num_layers = len(hidden_states)
+
+    if not _is_int(num_prefix_tokens) or num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
+    if num_prefix_tokens >= tokens:
+        raise ValueError(
+            f"num_prefix_tokens must be smaller than the token count T={tokens}, "
+            f"got {num_prefix_tokens}"
+        )
+    if not isinstance(residual, bool):
+        raise TypeError(f"residual must be a bool, got {residual!r}")
+    if pool not in POOL_MODES:
+        raise ValueError(f"pool must be one of {POOL_MODES}, got {pool!r}")
+
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    if weight.device != first.device:
+        raise ValueError(
+            f"weight must be on the device of hidden_states ({first.device}), got {weight.device}"
+        )
+    if weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(
+            f"weight must have shape [K*C, 1, k, k] (a depthwise nn.Conv2d weight), "
+            f"got {tuple(weight.shape)}"
+        )
+    kernel_size = int(weight.shape[2])
+    if kernel_size % 2 == 0:
+        raise ValueError(
+            f"weight must have an odd kernel size k in {KERNEL_SIZES}, got an even k={kernel_size}"
+        )
+    if kernel_size not in KERNEL_SIZES:
+        raise ValueError(f"weight kernel size k must be one of {KERNEL_SIZES}, got k={kernel_size}")
+    if weight.shape[0] != num_layers * channels:
+        raise ValueError(
+            f"weight must have K*C = {num_layers}*{channels} = {num_layers * channels} channels "
+            f"(dim 0), got {weight.shape[0]}"
+        )
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be None or a torch.Tensor, got {type(bias).__name__}")
+        if not bias.is_floating_point():
+            raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
+        if bias.device != first.device:
+            raise ValueError(
+                f"bias must be on the device of hidden_states ({first.device}), got {bias.device}"
+            )
+        if tuple(bias.shape) != (num_layers * channels,):
+            raise ValueError(
+                f"bias must have shape [K*C] = [{num_layers * channels}], got {tuple(bias.shape)}"
+            )
+
+    height, width = resolve_grid(grid, tokens, num_prefix_tokens)
+    return Geometry(
+        batch=batch,
+        tokens=tokens,
+        channels=channels,
+        num_layers=num_layers,
+        height=height,
+        width=width,
+        num_prefix_tokens=num_prefix_tokens,
+        kernel_size=kernel_size,
+    )
