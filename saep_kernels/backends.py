@@ -106,8 +106,12 @@ def available_backends(device=None) -> Tuple[str, ...]:
                  if any(unavailable_reason(name, d) is None for d in devices))
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend name for ``backend`` (possibly ``"auto"``) on ``device``."""
+    """The concrete backend name for ``backend`` (possibly ``"auto"``) on ``device``.
+
+    Under ``torch.compile`` this runs once at trace time and its answer is a constant of the
+    graph (it imports modules, which Dynamo need not trace)."""
     if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if backend == "auto":

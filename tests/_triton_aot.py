@@ -1,28 +1,27 @@
-"""Compile the Triton kernels for a GPU target without a GPU (Triton's own ahead-of-time path).
+"""Compile the Triton kernels for a GPU target without a GPU (Triton's ahead-of-time path).
 
 ``triton.compile`` lowers a kernel to PTX and runs ptxas for ``GPUTarget("cuda", arch, 32)``
-on any machine, so CI without a GPU still proves the kernels build for sm_80 and sm_90 and
-lets tests read the PTX (vectorised loads, no local-memory spills).
+on any machine, so CI without a GPU still proves the kernels build for sm_80 and sm_90 and can
+read the PTX. Run as a script (the interpreter must be off, as it is on a GPU machine):
+
+    python tests/_triton_aot.py   ->  JSON {config name: {"ptx_stats"...} or {"error": ...}}
 """
 
 from __future__ import annotations
 
 import inspect
+import json
+import os
+import sys
+import traceback
 
 import torch
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
            torch.float64: "fp64", torch.uint8: "u8"}
-
-
-def _unwrap(jit_fn):
-    # In the interpreter a kernel is an InterpretedFunction; the AOT path needs a JITFunction.
-    fn = getattr(jit_fn, "fn", jit_fn)
-    return fn if isinstance(fn, triton.runtime.jit.JITFunction) else triton.jit(fn)
 
 
 def _spec(value, path, constexprs, attrs):
@@ -47,17 +46,76 @@ def _spec(value, path, constexprs, attrs):
 
 def compile_kernel(jit_fn, args, consts, arch: int, num_warps: int = 4):
     """Compile ``jit_fn`` for sm_<arch> given sample runtime ``args`` (positional, in signature
-    order) and the constexpr values ``consts`` (by name). Returns the compiled kernel."""
-    fn = _unwrap(jit_fn)
-    names = list(inspect.signature(fn.fn).parameters)
+    order) and the constexpr values ``consts`` (by name)."""
+    names = list(inspect.signature(jit_fn.fn).parameters)
     signature, constexprs, attrs = {}, {}, {}
     runtime = iter(args)
     for i, name in enumerate(names):
         if name in consts:
-            value = consts[name]
             signature[name] = "constexpr"
-            constexprs[(i,)] = value
+            constexprs[(i,)] = consts[name]
         else:
             signature[name] = _spec(next(runtime), (i,), constexprs, attrs)
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    src = ASTSource(fn=jit_fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps})
+
+
+# llava15-7b: CLIP-L/14-336 (24x24 + CLS), C=1024, K=4, batch 32
+B, H, W, C, K, P = 32, 24, 24, 1024, 4, 1
+T, NW = P + H * W, 144
+
+CONFIGS = {
+    "sm90-fwd-bf16-avg": (90, "fwd", torch.bfloat16, "avg"),
+    "sm90-fwd-bf16-max": (90, "fwd", torch.bfloat16, "max"),
+    "sm90-bwd-bf16-avg": (90, "bwd", torch.bfloat16, "avg"),
+    "sm90-bwd-bf16-max": (90, "bwd", torch.bfloat16, "max"),
+    "sm80-fwd-fp16-avg": (80, "fwd", torch.float16, "avg"),
+    "sm80-bwd-fp32-max": (80, "bwd", torch.float32, "max"),
+}
+
+
+def _launch(direction, dtype, pool, ksize=3):
+    from saep_kernels.triton_kernels import dwconv_pool as dp
+
+    cfg = dp.launch_config(NW, C, interpret=False)
+    xs = [torch.empty(B, T, C, dtype=dtype) for _ in range(K)]
+    w = torch.empty(K * C, 1, ksize, ksize, dtype=dtype)
+    if direction == "fwd":
+        out = torch.empty(B, NW, K * C, dtype=dtype)
+        am = torch.empty(B, NW, K * C, dtype=torch.uint8)
+        b = torch.empty(K * C, dtype=dtype)
+        _, args, consts = dp.fwd_launch(xs, w, b, out, am, H, W, P, True, pool, pool == "max",
+                                        cfg)
+        return dp._dwconv_pool_fwd_kernel, args, consts, cfg
+    gy = torch.empty(B, NW, K * C, dtype=dtype)
+    am = torch.empty(B, NW, K * C, dtype=torch.uint8)
+    parts = B * triton.cdiv(NW, cfg.block_p)
+    gxs = [torch.empty(B, T, C, dtype=dtype) for _ in range(K)]
+    gw = torch.empty(parts, ksize * ksize, K * C)
+    gb = torch.empty(parts, K * C)
+    _, args, consts = dp.bwd_launch(gy, xs, w, am, gxs, gw, gb, H, W, P, True, pool, cfg)
+    return dp._dwconv_pool_bwd_kernel, args, consts, cfg
+
+
+def main(names):
+    results = {}
+    for name in names:
+        arch, direction, dtype, pool = CONFIGS[name]
+        try:
+            kernel, args, consts, cfg = _launch(direction, dtype, pool)
+            ptx = compile_kernel(kernel, args, consts, arch, cfg.num_warps).asm["ptx"]
+            results[name] = {
+                "ld_global_v4": ptx.count("ld.global.v4"),
+                "st_global_v": ptx.count("st.global.v"),
+                "local": ptx.count(".local"),
+            }
+        except Exception:  # reported to the test, which fails with the traceback
+            results[name] = {"error": traceback.format_exc()}
+    return results
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("run with TRITON_INTERPRET unset: the AOT path compiles real kernels")
+    print(json.dumps(main(sys.argv[1:] or list(CONFIGS))))

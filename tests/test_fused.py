@@ -249,3 +249,29 @@ def test_auto_picks_an_available_backend():
 def test_auto_never_picks_the_interpreter(monkeypatch):
     # Triton's CPU interpreter is for tests; "auto" on CPU tensors must not choose it.
     assert saep_kernels.backends.resolve_backend("auto", torch.device("cpu")) != "triton"
+
+
+@pytest.mark.parametrize("target", target_params())
+def test_offsets_beyond_int32(target):
+    """Two images 2^31 elements apart in one buffer: element offsets need 64 bits. The
+    untouched pages of the 4 GiB buffer are never materialised."""
+    backend, device = target
+    batch, height, width, channels, prefix = 2, 3, 3, 8, 1
+    tokens = prefix + height * width
+    stride_b = 2**31 + 16
+    storage = torch.empty(stride_b + tokens * channels, dtype=torch.bfloat16, device=device)
+    x = storage.as_strided((batch, tokens, channels), (stride_b, channels, 1))
+    storage[:tokens * channels].copy_(torch.randn(tokens * channels))
+    storage[stride_b:].copy_(torch.randn(tokens * channels))
+    w, b = make_params(1, channels, 3, dtype=torch.bfloat16, device=device, requires_grad=True)
+    layer = x.detach().requires_grad_()
+    got = fused_aggregate([layer], w, b, num_prefix_tokens=prefix, backend=backend)
+    dense = x.contiguous().detach().requires_grad_()
+    want = fused_aggregate_reference([dense], w, b, num_prefix_tokens=prefix)
+    assert_fwd_close(got, want)
+    gy = torch.randn_like(want)
+    g_got = grads(got, [layer, w, b], gy)
+    g_want = grads(want, [dense, w, b], gy)
+    for i, (g, r) in enumerate(zip(g_got, g_want)):
+        assert_grad_close(g, r, f"input {i}", reduction=i > 0)
+    del storage, x

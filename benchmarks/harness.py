@@ -1,0 +1,188 @@
+"""Measurement: timers (CPU and GPU), device copy bandwidth, peak memory, run metadata, and
+the result rows written as JSON and CSV.
+
+Method.
+* GPU: ``triton.testing.do_bench`` (CUDA events; it flushes the L2 cache before each run by
+  writing a 256 MB buffer), warm-up then repetitions; median and the 20th/80th percentiles.
+* CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` with the thread count stated in the
+  metadata; median and interquartile range over the measured blocks, after a warm-up call.
+* Bandwidth: bytes the op must move (spec section 4) / median time, and its fraction of a
+  device copy (``dst.copy_(src)`` of the same number of input bytes) measured in the same run.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import platform
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+
+
+@dataclass
+class Row:
+    """One measurement. ``kind`` is "op" (the fused op) or "projector" (a whole projector)."""
+
+    name: str
+    kind: str
+    backend: str
+    config: str
+    batch: int
+    dtype: str
+    device: str
+    torch: str
+    triton: str
+    fwd_ms: Optional[float] = None
+    fwd_p20_ms: Optional[float] = None
+    fwd_p80_ms: Optional[float] = None
+    fwd_bwd_ms: Optional[float] = None
+    fwd_bwd_p20_ms: Optional[float] = None
+    fwd_bwd_p80_ms: Optional[float] = None
+    peak_mem_mb: Optional[float] = None
+    params: Optional[int] = None
+    out_tokens: Optional[int] = None
+    gbps: Optional[float] = None
+    bw_fraction: Optional[float] = None
+    fwd_bwd_gbps: Optional[float] = None
+    fwd_bwd_bw_fraction: Optional[float] = None
+    note: str = ""
+
+
+def triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "none"
+    return triton.__version__
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def metadata(device: torch.device) -> Dict[str, object]:
+    meta = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "host": platform.node(),
+    }
+    if device.type == "cuda":
+        meta["cuda"] = torch.version.cuda
+        try:
+            import subprocess
+
+            meta["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            meta["driver"] = "unknown"
+    return meta
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, reps: int = 50,
+            min_run_time: float = 1.0) -> Timing:
+    """Median and 20th/80th percentile time of ``fn()`` in ms."""
+    fn()  # warm-up (compiles, autotunes, fills caches)
+    if device.type == "cuda":
+        import triton.testing
+
+        torch.cuda.synchronize()
+        p20, p50, p80 = triton.testing.do_bench(fn, warmup=25, rep=max(reps, 25),
+                                                quantiles=[0.2, 0.5, 0.8])
+        return Timing(p50, p20, p80)
+    import torch.utils.benchmark as tb
+
+    m = tb.Timer(stmt="fn()", globals={"fn": fn},
+                 num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=min_run_time)
+    times = sorted(m.times)
+    if len(times) == 1:
+        t = times[0] * 1e3
+        return Timing(t, t, t)
+    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.2, 0.5, 0.8],
+                                                                       dtype=torch.float64))
+    return Timing(float(q[1]) * 1e3, float(q[0]) * 1e3, float(q[2]) * 1e3)
+
+
+def copy_bandwidth(nbytes: int, device: torch.device, min_run_time: float = 1.0) -> float:
+    """Achieved bytes/s of a device copy moving ``nbytes`` in and ``nbytes`` out."""
+    n = max(nbytes // 4, 1)
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, min_run_time=min_run_time)
+    return 2 * n * 4 / (t.median_ms * 1e-3)
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Peak memory one call of ``fn`` allocates above what was allocated before it.
+
+    GPU: the CUDA caching allocator's max_memory_allocated. CPU: not measured here (None)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def write_results(rows: List[Row], meta: Dict[str, object], out_dir: Path, stem: str) -> Dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{stem}.json"
+    csv_path = out_dir / f"{stem}.csv"
+    with open(json_path, "w") as f:
+        json.dump({"metadata": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Row)])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(asdict(r))
+    return {"json": json_path, "csv": csv_path}
+
+
+def format_table(rows: List[Row], columns: List[str]) -> str:
+    """A fixed-width text table of the given Row fields (numbers to 3 significant figures)."""
+
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+        if isinstance(v, int) and v >= 10**6:
+            return f"{v / 1e6:.1f}M"
+        return str(v)
+
+    cells = [[fmt(getattr(r, c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
+              for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)

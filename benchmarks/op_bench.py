@@ -1,0 +1,106 @@
+"""Microbenchmarks of the fused op: each implementation, forward and forward+backward.
+
+Implementations:
+* ``eager``   - the reference (cat + depthwise conv2d + residual + pool) in eager PyTorch;
+* ``compile`` - the same under ``torch.compile`` (GPU: mode="max-autotune-no-cudagraphs";
+  CPU: the default mode, since max-autotune only adds GEMM templates there);
+* ``triton``, ``cpu``, ``cuda`` - the fused backends of saep_kernels available on the device.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, List, Tuple
+
+import torch
+
+import saep_kernels
+from saep_kernels import fused_aggregate, fused_aggregate_reference
+
+from .configs import Config
+from .harness import Row, peak_memory_mb, time_fn, triton_version, device_name
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def available_impls(device: torch.device) -> List[str]:
+    fused = [b for b in saep_kernels.available_backends(device) if b != "reference"]
+    if device.type == "cpu":
+        fused = [b for b in fused if b != "triton"]  # the interpreter is for tests
+    return ["eager", "compile"] + fused
+
+
+def op_bytes(cfg: Config, batch: int, dtype: torch.dtype, pool: str = "avg") -> Tuple[int, int]:
+    """(forward, backward) bytes the op must move (spec section 4).
+
+    forward: read K*B*H*W*C, write B*Ho*Wo*K*C. backward: read the inputs and grad_out, write
+    the input grads (plus, for max, the saved argmax: one byte per output, written and read).
+    """
+    e = torch.empty((), dtype=dtype).element_size()
+    n_in = cfg.layers * batch * cfg.height * cfg.width * cfg.channels
+    n_out = batch * cfg.out_tokens * cfg.layers * cfg.channels
+    argmax = n_out if pool == "max" else 0
+    return (n_in + n_out) * e + argmax, (2 * n_in + n_out) * e + argmax
+
+
+def make_inputs(cfg: Config, batch: int, dtype: torch.dtype, device: torch.device,
+                requires_grad: bool):
+    layers = [torch.randn(batch, cfg.tokens, cfg.channels, device=device, dtype=dtype,
+                          requires_grad=requires_grad) for _ in range(cfg.layers)]
+    kc = cfg.layers * cfg.channels
+    w = (torch.randn(kc, 1, 3, 3, device=device) / 3).to(dtype).requires_grad_(requires_grad)
+    b = torch.randn(kc, device=device, dtype=dtype, requires_grad=requires_grad)
+    return layers, w, b
+
+
+def op_function(impl: str, cfg: Config, pool: str, device: torch.device) -> Callable:
+    kw = dict(grid=(cfg.height, cfg.width), num_prefix_tokens=cfg.prefix, pool=pool)
+    if impl in ("eager", "compile"):
+        fn = functools.partial(fused_aggregate_reference, **kw)
+        if impl == "compile":
+            mode = "max-autotune-no-cudagraphs" if device.type == "cuda" else None
+            fn = torch.compile(fn, mode=mode)
+        return fn
+    return functools.partial(fused_aggregate, backend=impl, **kw)
+
+
+def bench_op(impl: str, cfg: Config, batch: int, dtype_name: str, device: torch.device,
+             copy_bps: float, pool: str = "avg", backward: bool = True,
+             min_run_time: float = 1.0, reps: int = 100) -> Row:
+    dtype = DTYPES[dtype_name]
+    images = batch * cfg.crops
+    fn = op_function(impl, cfg, pool, device)
+    layers, w, b = make_inputs(cfg, images, dtype, device, requires_grad=backward)
+    fwd_bytes, bwd_bytes = op_bytes(cfg, images, dtype, pool)
+
+    def forward():
+        with torch.no_grad():
+            return fn(layers, w, b)
+
+    fwd = time_fn(forward, device, reps=reps, min_run_time=min_run_time)
+    row = Row(name=f"fused_aggregate[{impl}]", kind="op", backend=impl, config=cfg.name,
+              batch=batch, dtype=dtype_name, device=device_name(device),
+              torch=torch.__version__, triton=triton_version(),
+              fwd_ms=fwd.median_ms, fwd_p20_ms=fwd.p20_ms, fwd_p80_ms=fwd.p80_ms,
+              out_tokens=cfg.out_tokens, params=w.numel() + b.numel(),
+              note=f"pool={pool}, k=3, {torch.get_num_threads()} threads"
+              if device.type == "cpu" else f"pool={pool}, k=3")
+    row.gbps = fwd_bytes / (fwd.median_ms * 1e-3) / 1e9
+    row.bw_fraction = fwd_bytes / (fwd.median_ms * 1e-3) / copy_bps
+    if backward:
+        inputs = [*layers, w, b]
+        gy = torch.randn(images, cfg.out_tokens, cfg.layers * cfg.channels, device=device,
+                         dtype=dtype)
+
+        def forward_backward():
+            return torch.autograd.grad(fn(layers, w, b), inputs, gy)
+
+        fb = time_fn(forward_backward, device, reps=reps, min_run_time=min_run_time)
+        row.fwd_bwd_ms, row.fwd_bwd_p20_ms, row.fwd_bwd_p80_ms = fb.median_ms, fb.p20_ms, fb.p80_ms
+        total = fwd_bytes + bwd_bytes
+        row.fwd_bwd_gbps = total / (fb.median_ms * 1e-3) / 1e9
+        row.fwd_bwd_bw_fraction = total / (fb.median_ms * 1e-3) / copy_bps
+        row.peak_mem_mb = peak_memory_mb(forward_backward, device)
+    else:
+        row.peak_mem_mb = peak_memory_mb(forward, device)
+    return row
