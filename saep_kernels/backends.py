@@ -125,6 +125,26 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+_POOL_CODES = {"avg": 0, "max": 1}
+
+
+def _extension_fwd(xs, weight, bias, height, width, num_prefix_tokens, residual, pool,
+                   save_argmax):
+    # torch.ops.saep_C: one op, a CPU and a CUDA kernel; the dispatcher picks by device
+    return torch.ops.saep_C.dwconv_pool_fwd(list(xs), weight, bias, height, width,
+                                            num_prefix_tokens, residual, _POOL_CODES[pool],
+                                            save_argmax)
+
+
+def _extension_bwd(grad_out, xs, weight, argmax, height, width, num_prefix_tokens, residual,
+                   pool, need_input_grad, need_weight_grad, need_bias_grad):
+    grad_xs, grad_w, grad_b = torch.ops.saep_C.dwconv_pool_bwd(
+        grad_out, list(xs), weight, argmax, height, width, num_prefix_tokens, residual,
+        _POOL_CODES[pool], need_input_grad, need_weight_grad, need_bias_grad)
+    return (list(grad_xs), grad_w if need_weight_grad else None,
+            grad_b if need_bias_grad else None)
+
+
 def launchers(name: str) -> Tuple[Callable, Callable]:
     """(forward, backward) launchers of a fused backend."""
     if name == "triton":
@@ -136,5 +156,5 @@ def launchers(name: str) -> Tuple[Callable, Callable]:
         module, reason = _import_extension()
         if module is None:
             raise BackendUnavailable(f"backend={name!r} is unavailable: {reason}")
-        return module.launchers(name)
+        return _extension_fwd, _extension_bwd
     raise ValueError(f"{name!r} is not a fused backend")

@@ -1,0 +1,501 @@
+// saep-kernels CPU kernels of the fused op: forward and backward.
+//
+// Work is split into tasks (image b, layer l): a task reads its layer in place (channel
+// stride 1, any batch/token stride) and owns a disjoint slice of every output, so tasks run
+// in any order on any thread with the same result.
+//
+// Memory order. A task walks its image window by window (forward) or pixel by pixel
+// (backward) and, for each, runs over all C channels: every token row is read whole and in
+// order, the pattern the hardware prefetchers stream at full bandwidth, and every output
+// row is written whole. (Walking the image once per block of channels instead reads a few
+// cache lines every C*sizeof(T) bytes: measured here at a quarter of the bandwidth.) The
+// rows a window needs are reused from cache by its neighbours.
+//
+// Inner loops run over chunks of L channels with local accumulator arrays; for a full chunk
+// L is a compile-time trip count, so the loops unroll into SIMD registers (the tail of C
+// takes the same code with a runtime length). On x86-64 each entry point is compiled for
+// AVX-512, AVX2+FMA and baseline, picked at load time (target_clones).
+//
+// avg pool, forward: a kxk conv, the residual and the 2x2 average fold into one stride-2
+// (k+1)x(k+1) depthwise conv (spec section 4): 16 multiply-adds per output for k=3 instead
+// of 36. The fold depends on the window: partial windows of odd grids (last row/column) drop
+// their out-of-grid positions and divide by their own count, so up to four folded kernels.
+// max pool, forward: the four conv outputs of a window share each loaded input element; the
+// argmax (window position 0..3) is saved for the backward.
+//
+// Backward, one pass over the pixels: g_z (the pool's gradient at the conv output: g_y /
+// count for avg, g_y where the saved argmax points for max) gives grad_x = residual * g_z +
+// sum_{u,v} w[u,v] * g_z(shifted) and accumulates grad_w[u,v] += g_z * x(shifted) into the
+// task's [k*k, C] accumulator; the bias gradient sums g_y. Weight and bias gradients land in
+// the task's slice of a per-image partial buffer, which the caller reduces in a fixed order.
+#include "dwconv_pool_cpu.h"
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "numeric.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(SAEP_NO_CLONES)
+#define SAEP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SAEP_CLONES
+#endif
+#if defined(__GNUC__) || defined(__clang__)
+#define SAEP_INLINE __attribute__((always_inline)) inline
+#define SAEP_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define SAEP_INLINE inline
+#define SAEP_LAMBDA_INLINE
+#endif
+
+namespace saep {
+namespace cpu {
+namespace {
+
+struct Task {
+  int64_t b;
+  int32_t l;
+};
+
+int64_t num_tasks(const Geometry& g) { return g.batch * g.num_layers; }
+Task task_at(const Geometry& g, int64_t t) { return Task{t / g.num_layers, int32_t(t % g.num_layers)}; }
+
+// ---------------------------------------------------------------------------- channel chunks
+
+// Calls f(chunk, c, n) over [0, C) in chunks: chunk is std::integral_constant<int, L> for
+// full chunks (n == L, a compile-time trip count) and <int, 0> for the tail (n < L).
+template <int L, typename F>
+SAEP_INLINE void for_chunks(int64_t C, F&& f) {
+  int64_t c = 0;
+  for (; c + L <= C; c += L) f(std::integral_constant<int, L>{}, c, int64_t(L));
+  if (c < C) f(std::integral_constant<int, 0>{}, c, C - c);
+}
+
+// the trip count of a chunk: the constant L, or the tail's runtime length
+#define SAEP_LEN(chunk, n) (decltype(chunk)::value ? int64_t(decltype(chunk)::value) : (n))
+
+template <typename T, typename A>
+SAEP_INLINE A ld(T v) {
+  return Convert<T, A>::load(v);
+}
+
+// floor(n / 2) for any sign of n
+inline int64_t floor_half(int64_t n) { return n >= 0 ? n / 2 : -((1 - n) / 2); }
+
+// Accumulators of a chunk: 64 fp32 / 32 fp64 (8 AVX2 or 4 AVX-512 registers).
+template <typename A>
+constexpr int lanes() {
+  return int(256 / sizeof(A));
+}
+
+// ---------------------------------------------------------------------------- task view
+
+template <typename T, typename A>
+struct View {
+  const Geometry& g;
+  int k, k1, pad;
+  int64_t H, W, Ho, Wo, C, kc, st;
+  const T* x;  // image b of layer l at pixel (0, 0)
+
+  View(const Geometry& geo, const LayerPtrs& lp, const Task& t)
+      : g(geo), k(geo.ksize), k1(geo.ksize + 1), pad(geo.pad()), H(geo.height), W(geo.width),
+        Ho(geo.out_height()), Wo(geo.out_width()), C(geo.channels), kc(geo.kc()),
+        st(lp.stride_t[t.l]),
+        x(static_cast<const T*>(lp.data[t.l]) + t.b * lp.stride_b[t.l] + geo.prefix * lp.stride_t[t.l]) {}
+
+  bool in_grid(int64_t r, int64_t c) const { return r >= 0 && r < H && c >= 0 && c < W; }
+  const T* px(int64_t r, int64_t c) const { return x + (r * W + c) * st; }
+};
+
+// The task's weights, channel-contiguous: w[tap][c] for tap = u*k + v.
+template <typename A>
+SAEP_INLINE void task_weights(const Geometry& g, const void* weight, const Task& t,
+                              std::vector<A>& w) {
+  const int taps = g.ksize * g.ksize;
+  w.resize(size_t(taps * g.channels));
+  const A* src = static_cast<const A*>(weight) + t.l * g.channels;
+  for (int tap = 0; tap < taps; ++tap)
+    std::copy_n(src + tap * g.kc(), g.channels, w.begin() + tap * g.channels);
+}
+
+// Window variant: bit 1 set when the window has no second row, bit 0 when no second column.
+SAEP_INLINE int variant_of(const Geometry& g, int64_t oi, int64_t oj) {
+  return (2 * oi + 1 < g.height ? 0 : 2) + (2 * oj + 1 < g.width ? 0 : 1);
+}
+
+// Folded avg kernel of each window variant: wf[variant][a][e][c], a, e in [0, k], so that
+//   y[oi, oj] = bias + sum_{a,e} wf[variant][a][e] * x[2*oi + a - p, 2*oj + e - p]
+// (out-of-grid x are zero). It sums the kxk kernel shifted to each in-grid window position,
+// plus the residual's identity tap, divided by the number of in-grid positions.
+template <typename A>
+SAEP_INLINE void fold_avg(const Geometry& g, const std::vector<A>& w, std::vector<A>& wf) {
+  const int k = g.ksize, k1 = k + 1, pad = g.pad();
+  const int64_t C = g.channels;
+  wf.resize(size_t(4 * k1 * k1 * C));
+  for (int variant = 0; variant < 4; ++variant) {
+    const int ny = (variant & 2) ? 1 : 2, nx = (variant & 1) ? 1 : 2;
+    const A inv = A(1) / A(ny * nx);
+    for (int a = 0; a < k1; ++a) {
+      for (int e = 0; e < k1; ++e) {
+        A* dst = wf.data() + ((variant * k1 + a) * k1 + e) * C;
+        const int ry = a - pad, rx = e - pad;
+        const A centre = (g.residual && ry >= 0 && ry < ny && rx >= 0 && rx < nx) ? A(1) : A(0);
+        for (int64_t c = 0; c < C; ++c) dst[c] = centre;
+        for (int dy = 0; dy < ny; ++dy) {
+          const int u = a - dy;
+          if (u < 0 || u >= k) continue;
+          for (int dx = 0; dx < nx; ++dx) {
+            const int v = e - dx;
+            if (v < 0 || v >= k) continue;
+            const A* src = w.data() + (u * k + v) * C;
+            for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) dst[c] *= inv;
+      }
+    }
+  }
+}
+
+// Per-thread scratch memory, reused by the tasks a thread runs.
+template <typename A>
+struct Scratch {
+  std::vector<A> w, wf, gw, gwf, gb;
+};
+
+// ---------------------------------------------------------------------------- forward
+
+template <typename T, typename A>
+SAEP_INLINE void fwd_task(const FwdParams& p, const Task& t, Scratch<A>& s) {
+  const Geometry& g = p.g;
+  const View<T, A> v(g, p.x, t);
+  const A* bias = p.bias ? static_cast<const A*>(p.bias) + t.l * v.C : nullptr;
+  const int64_t out_base = t.b * g.windows() * v.kc + t.l * v.C;
+  T* out = static_cast<T*>(p.out) + out_base;
+  uint8_t* argmax = p.argmax ? p.argmax + out_base : nullptr;
+  task_weights(g, p.weight, t, s.w);
+
+  if (g.pool == Pool::Avg) {
+    fold_avg(g, s.w, s.wf);
+    for (int64_t oi = 0; oi < v.Ho; ++oi) {
+      for (int64_t oj = 0; oj < v.Wo; ++oj) {
+        const A* wv = s.wf.data() + variant_of(g, oi, oj) * v.k1 * v.k1 * v.C;
+        T* o = out + (oi * v.Wo + oj) * v.kc;
+        for_chunks<lanes<A>()>(v.C, [&](auto chunk, int64_t c, int64_t n) SAEP_LAMBDA_INLINE {
+          const int64_t len = SAEP_LEN(chunk, n);
+          A acc[lanes<A>()];
+          for (int64_t q = 0; q < len; ++q) acc[q] = bias ? bias[c + q] : A(0);
+          for (int a = 0; a < v.k1; ++a) {
+            const int64_t r = 2 * oi + a - v.pad;
+            if (r < 0 || r >= v.H) continue;
+            for (int e = 0; e < v.k1; ++e) {
+              const int64_t col = 2 * oj + e - v.pad;
+              if (col < 0 || col >= v.W) continue;
+              const T* xp = v.px(r, col) + c;
+              const A* wp = wv + (a * v.k1 + e) * v.C + c;
+              for (int64_t q = 0; q < len; ++q) acc[q] += ld<T, A>(xp[q]) * wp[q];
+            }
+          }
+          for (int64_t q = 0; q < len; ++q) o[c + q] = Convert<T, A>::store(acc[q]);
+        });
+      }
+    }
+    return;
+  }
+
+  const A* w = s.w.data();
+  constexpr int L = lanes<A>() / 4;  // four accumulator sets
+  for (int64_t oi = 0; oi < v.Ho; ++oi) {
+    const bool has_down = 2 * oi + 1 < v.H;
+    for (int64_t oj = 0; oj < v.Wo; ++oj) {
+      const bool has_right = 2 * oj + 1 < v.W;
+      T* o = out + (oi * v.Wo + oj) * v.kc;
+      uint8_t* am = argmax ? argmax + (oi * v.Wo + oj) * v.kc : nullptr;
+      for_chunks<L>(v.C, [&](auto chunk, int64_t c, int64_t n) SAEP_LAMBDA_INLINE {
+        const int64_t len = SAEP_LEN(chunk, n);
+        A z[4][L];
+        for (int d = 0; d < 4; ++d)
+          for (int64_t q = 0; q < len; ++q) z[d][q] = bias ? bias[c + q] : A(0);
+        for (int a = 0; a < v.k1; ++a) {
+          const int64_t r = 2 * oi + a - v.pad;
+          if (r < 0 || r >= v.H) continue;
+          for (int e = 0; e < v.k1; ++e) {
+            const int64_t col = 2 * oj + e - v.pad;
+            if (col < 0 || col >= v.W) continue;
+            A xv[L];
+            const T* xp = v.px(r, col) + c;
+            for (int64_t q = 0; q < len; ++q) xv[q] = ld<T, A>(xp[q]);
+            // x[2oi+a-p, 2oj+e-p] feeds z[2oi+dy, 2oj+dx] through tap (a - dy, e - dx)
+            for (int dy = 0; dy < 2; ++dy) {
+              const int u = a - dy;
+              for (int dx = 0; dx < 2; ++dx) {
+                const int vv = e - dx;
+                A* zq = z[window_code(dy, dx)];
+                if (u >= 0 && u < v.k && vv >= 0 && vv < v.k) {
+                  const A* wp = w + (u * v.k + vv) * v.C + c;
+                  for (int64_t q = 0; q < len; ++q) zq[q] += xv[q] * wp[q];
+                }
+                if (g.residual && u == v.pad && vv == v.pad)
+                  for (int64_t q = 0; q < len; ++q) zq[q] += xv[q];
+              }
+            }
+          }
+        }
+        for (int64_t q = 0; q < len; ++q) {
+          // window order 00, 01, 10, 11; NaN wins, as in torch.max_pool2d
+          A best = z[0][q];
+          uint8_t code = 0;
+          if (has_right && (z[1][q] > best || z[1][q] != z[1][q])) { best = z[1][q]; code = 1; }
+          if (has_down && (z[2][q] > best || z[2][q] != z[2][q])) { best = z[2][q]; code = 2; }
+          if (has_down && has_right && (z[3][q] > best || z[3][q] != z[3][q])) {
+            best = z[3][q];
+            code = 3;
+          }
+          o[c + q] = Convert<T, A>::store(best);
+          if (am) am[c + q] = code;
+        }
+      });
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- backward
+
+template <typename T, typename A>
+SAEP_INLINE void bwd_task(const BwdParams& p, const Task& t, Scratch<A>& s) {
+  const Geometry& g = p.g;
+  const View<T, A> v(g, p.x, t);
+  const int k = v.k, pad = v.pad;
+  const T* gy = static_cast<const T*>(p.grad_out) + t.b * p.gy_stride_b + t.l * v.C;
+  const int64_t gst = p.gy_stride_t;
+  const uint8_t* am = p.argmax ? p.argmax + t.b * g.windows() * v.kc + t.l * v.C : nullptr;
+  const bool is_max = g.pool == Pool::Max;
+  const bool need_x = p.grad_x[0] != nullptr;
+  const bool need_w = p.grad_w_part != nullptr, need_b = p.grad_b_part != nullptr;
+  task_weights(g, p.weight, t, s.w);
+  const A* w = s.w.data();
+  T* gx = need_x ? static_cast<T*>(p.grad_x[t.l]) + (t.b * (g.prefix + v.H * v.W) + g.prefix) * v.C
+                 : nullptr;
+  A* gw = nullptr;
+  if (need_w) {
+    s.gw.assign(size_t(k * k * v.C), A(0));
+    gw = s.gw.data();
+  }
+  constexpr int L = lanes<A>() / 2;
+
+  // g_z(i, j) over a chunk: the window's g_y / count (avg) or g_y where the argmax is (max)
+  // max pool's g_z(i, j) over a chunk: g_y of the window where its argmax is (i, j)
+  auto grad_z = [&](int64_t i, int64_t j, int64_t c, int64_t len, A* dst) SAEP_LAMBDA_INLINE {
+    const int64_t widx = (i / 2) * v.Wo + j / 2;
+    const T* gp = gy + widx * gst + c;
+    const uint8_t* ap = am + widx * v.kc + c;
+    const uint8_t code = uint8_t(window_code(int(i & 1), int(j & 1)));
+    for (int64_t q = 0; q < len; ++q) dst[q] = ap[q] == code ? ld<T, A>(gp[q]) : A(0);
+  };
+
+  if (!is_max) {
+    // avg: the transposes of the folded forward
+    fold_avg(g, s.w, s.wf);
+    const int k1 = v.k1;
+    if (need_x) {
+      // grad_x(i, j) = sum over the windows whose (k+1)x(k+1) patch holds (i, j), i.e.
+      // a = i - 2*oi + p in [0, k], of g_y(window) * wf[variant][a][e]
+      for (int64_t i = 0; i < v.H; ++i) {
+        const int64_t oi_lo = std::max<int64_t>(0, floor_half(i + pad - k + 1));
+        const int64_t oi_hi = std::min<int64_t>(v.Ho - 1, (i + pad) / 2);
+        for (int64_t j = 0; j < v.W; ++j) {
+          const int64_t oj_lo = std::max<int64_t>(0, floor_half(j + pad - k + 1));
+          const int64_t oj_hi = std::min<int64_t>(v.Wo - 1, (j + pad) / 2);
+          T* o = gx + (i * v.W + j) * v.C;
+          for_chunks<L>(v.C, [&](auto chunk, int64_t c, int64_t n) SAEP_LAMBDA_INLINE {
+            const int64_t len = SAEP_LEN(chunk, n);
+            A acc[L];
+            for (int64_t q = 0; q < len; ++q) acc[q] = A(0);
+            for (int64_t oi = oi_lo; oi <= oi_hi; ++oi) {
+              const int a = int(i - 2 * oi + pad);
+              for (int64_t oj = oj_lo; oj <= oj_hi; ++oj) {
+                const int e = int(j - 2 * oj + pad);
+                const A* wp = s.wf.data() + ((variant_of(g, oi, oj) * k1 + a) * k1 + e) * v.C + c;
+                const T* gp = gy + (oi * v.Wo + oj) * gst + c;
+                for (int64_t q = 0; q < len; ++q) acc[q] += ld<T, A>(gp[q]) * wp[q];
+              }
+            }
+            for (int64_t q = 0; q < len; ++q) o[q + c] = Convert<T, A>::store(acc[q]);
+          });
+        }
+      }
+    }
+    if (need_w) {
+      // full windows: g_z = g_y / 4 at all four positions, so
+      //   grad_w[u, v] = 1/4 sum_{dy,dx} F[u+dy, v+dx],  F[a, e] = sum_w g_y * x(patch a, e);
+      // partial windows (last row/column of odd grids) add their in-grid positions directly
+      s.gwf.assign(size_t(k1 * k1 * v.C), A(0));
+      A* gwf = s.gwf.data();
+      for (int64_t oi = 0; oi < v.Ho; ++oi) {
+        for (int64_t oj = 0; oj < v.Wo; ++oj) {
+          const bool full = 2 * oi + 1 < v.H && 2 * oj + 1 < v.W;
+          const A scale = full ? A(1) : A(1) / A(window_count(g, oi, oj));
+          const T* gp = gy + (oi * v.Wo + oj) * gst;
+          for_chunks<L>(v.C, [&](auto chunk, int64_t c, int64_t n) SAEP_LAMBDA_INLINE {
+            const int64_t len = SAEP_LEN(chunk, n);
+            A gv[L];
+            for (int64_t q = 0; q < len; ++q) gv[q] = ld<T, A>(gp[c + q]) * scale;
+            if (full) {
+              for (int a = 0; a < k1; ++a) {
+                const int64_t r = 2 * oi + a - pad;
+                if (r < 0 || r >= v.H) continue;
+                for (int e = 0; e < k1; ++e) {
+                  const int64_t col = 2 * oj + e - pad;
+                  if (col < 0 || col >= v.W) continue;
+                  const T* xp = v.px(r, col) + c;
+                  A* dst = gwf + (a * k1 + e) * v.C + c;
+                  for (int64_t q = 0; q < len; ++q) dst[q] += gv[q] * ld<T, A>(xp[q]);
+                }
+              }
+              return;
+            }
+            for (int dy = 0; dy < 2; ++dy)
+              for (int dx = 0; dx < 2; ++dx) {
+                if (2 * oi + dy >= v.H || 2 * oj + dx >= v.W) continue;
+                for (int u = 0; u < k; ++u)
+                  for (int vv = 0; vv < k; ++vv) {
+                    const int64_t r = 2 * oi + dy + u - pad, col = 2 * oj + dx + vv - pad;
+                    if (!v.in_grid(r, col)) continue;
+                    const T* xp = v.px(r, col) + c;
+                    A* dst = gw + (u * k + vv) * v.C + c;
+                    for (int64_t q = 0; q < len; ++q) dst[q] += gv[q] * ld<T, A>(xp[q]);
+                  }
+              }
+          });
+        }
+      }
+      for (int u = 0; u < k; ++u)
+        for (int vv = 0; vv < k; ++vv) {
+          A* dst = gw + (u * k + vv) * v.C;
+          for (int dy = 0; dy < 2; ++dy)
+            for (int dx = 0; dx < 2; ++dx) {
+              const A* src = gwf + ((u + dy) * k1 + vv + dx) * v.C;
+              for (int64_t q = 0; q < v.C; ++q) dst[q] += A(0.25) * src[q];
+            }
+        }
+    }
+  } else if (need_x || need_w) {
+    // max: g_z is g_y at the argmax, zero elsewhere; one pass over the pixels
+    for (int64_t i = 0; i < v.H; ++i) {
+      for (int64_t j = 0; j < v.W; ++j) {
+        for_chunks<L>(v.C, [&](auto chunk, int64_t c, int64_t n) SAEP_LAMBDA_INLINE {
+          const int64_t len = SAEP_LEN(chunk, n);
+          A gz[L];
+          grad_z(i, j, c, len, gz);
+          if (need_x) {
+            // residual * g_z(i, j) + sum_{u,v} w[u, v] * g_z(i - u + p, j - v + p)
+            A acc[L], nb[L];
+            for (int64_t q = 0; q < len; ++q) acc[q] = g.residual ? gz[q] : A(0);
+            for (int u = 0; u < k; ++u) {
+              const int64_t i2 = i - u + pad;
+              if (i2 < 0 || i2 >= v.H) continue;
+              for (int vv = 0; vv < k; ++vv) {
+                const int64_t j2 = j - vv + pad;
+                if (j2 < 0 || j2 >= v.W) continue;
+                grad_z(i2, j2, c, len, nb);
+                const A* wp = w + (u * k + vv) * v.C + c;
+                for (int64_t q = 0; q < len; ++q) acc[q] += wp[q] * nb[q];
+              }
+            }
+            T* o = gx + (i * v.W + j) * v.C + c;
+            for (int64_t q = 0; q < len; ++q) o[q] = Convert<T, A>::store(acc[q]);
+          }
+          if (need_w) {
+            // grad_w[u, v] += g_z(i, j) * x(i + u - p, j + v - p)
+            for (int u = 0; u < k; ++u) {
+              const int64_t r = i + u - pad;
+              if (r < 0 || r >= v.H) continue;
+              for (int vv = 0; vv < k; ++vv) {
+                const int64_t col = j + vv - pad;
+                if (col < 0 || col >= v.W) continue;
+                const T* xp = v.px(r, col) + c;
+                A* dst = gw + (u * k + vv) * v.C + c;
+                for (int64_t q = 0; q < len; ++q) dst[q] += gz[q] * ld<T, A>(xp[q]);
+              }
+            }
+          }
+        });
+      }
+    }
+  }
+  if (need_w) {
+    A* part = static_cast<A*>(p.grad_w_part) + t.b * k * k * v.kc + t.l * v.C;
+    for (int tap = 0; tap < k * k; ++tap)
+      std::copy_n(gw + tap * v.C, v.C, part + tap * v.kc);
+  }
+  if (need_b) {
+    // the sum of g_z over a window's pixels is its g_y: sum g_y directly
+    s.gb.assign(size_t(v.C), A(0));
+    A* acc = s.gb.data();
+    for (int64_t widx = 0; widx < g.windows(); ++widx) {
+      const T* gp = gy + widx * gst;
+      for (int64_t q = 0; q < v.C; ++q) acc[q] += ld<T, A>(gp[q]);
+    }
+    std::copy_n(acc, v.C, static_cast<A*>(p.grad_b_part) + t.b * v.kc + t.l * v.C);
+  }
+}
+
+// ---------------------------------------------------------------------------- entry points
+
+template <typename T, typename A>
+SAEP_INLINE void fwd_chunk(const FwdParams& p, int64_t begin, int64_t end) {
+  Scratch<A> s;
+  for (int64_t t = begin; t < end; ++t) fwd_task<T, A>(p, task_at(p.g, t), s);
+}
+
+template <typename T, typename A>
+SAEP_INLINE void bwd_chunk(const BwdParams& p, int64_t begin, int64_t end) {
+  Scratch<A> s;
+  for (int64_t t = begin; t < end; ++t) bwd_task<T, A>(p, task_at(p.g, t), s);
+}
+
+// One non-template function per dtype and direction, cloned per instruction set.
+SAEP_CLONES void fwd_f32(const FwdParams& p, int64_t b, int64_t e) { fwd_chunk<float, float>(p, b, e); }
+SAEP_CLONES void fwd_f64(const FwdParams& p, int64_t b, int64_t e) { fwd_chunk<double, double>(p, b, e); }
+SAEP_CLONES void fwd_bf16(const FwdParams& p, int64_t b, int64_t e) { fwd_chunk<bf16, float>(p, b, e); }
+SAEP_CLONES void fwd_f16(const FwdParams& p, int64_t b, int64_t e) { fwd_chunk<f16, float>(p, b, e); }
+SAEP_CLONES void bwd_f32(const BwdParams& p, int64_t b, int64_t e) { bwd_chunk<float, float>(p, b, e); }
+SAEP_CLONES void bwd_f64(const BwdParams& p, int64_t b, int64_t e) { bwd_chunk<double, double>(p, b, e); }
+SAEP_CLONES void bwd_bf16(const BwdParams& p, int64_t b, int64_t e) { bwd_chunk<bf16, float>(p, b, e); }
+SAEP_CLONES void bwd_f16(const BwdParams& p, int64_t b, int64_t e) { bwd_chunk<f16, float>(p, b, e); }
+
+}  // namespace
+
+ParallelFor serial_for() {
+  return [](int64_t n, const std::function<void(int64_t, int64_t)>& body) {
+    if (n > 0) body(0, n);
+  };
+}
+
+int64_t bwd_num_parts(const Geometry& g) { return g.batch; }
+
+void dwconv_pool_fwd(const FwdParams& p, const ParallelFor& parallel_for) {
+  void (*fn)(const FwdParams&, int64_t, int64_t) = nullptr;
+  switch (p.g.dtype) {
+    case DType::F32: fn = fwd_f32; break;
+    case DType::F64: fn = fwd_f64; break;
+    case DType::BF16: fn = fwd_bf16; break;
+    case DType::F16: fn = fwd_f16; break;
+  }
+  parallel_for(num_tasks(p.g), [&](int64_t b, int64_t e) { fn(p, b, e); });
+}
+
+void dwconv_pool_bwd(const BwdParams& p, const ParallelFor& parallel_for) {
+  void (*fn)(const BwdParams&, int64_t, int64_t) = nullptr;
+  switch (p.g.dtype) {
+    case DType::F32: fn = bwd_f32; break;
+    case DType::F64: fn = bwd_f64; break;
+    case DType::BF16: fn = bwd_bf16; break;
+    case DType::F16: fn = bwd_f16; break;
+  }
+  parallel_for(num_tasks(p.g), [&](int64_t b, int64_t e) { fn(p, b, e); });
+}
+
+}  // namespace cpu
+}  // namespace saep

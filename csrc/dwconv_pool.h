@@ -1,0 +1,85 @@
+// saep-kernels: the parameters of the fused op, shared by the CPU and CUDA kernels and the
+// torch binding. Plain C++ (no torch, no CUDA headers) so every piece can include it.
+//
+// The op (op-spec.md): K layers x_l [B, T, C] (channel stride 1, any batch/token strides),
+// tokens after `prefix` form an H x W grid, channel l*C + c of the virtual concat is channel
+// c of layer l, and
+//     z = dwconv_k(x) + bias (+ x if residual),   y = pool_2x2_ceil(z)  -> [B, Ho*Wo, K*C].
+//
+// Weights reach the kernels in the compute type (float; double for F64) laid out tap-major,
+// channel-contiguous: weight[(u*k + v) * K*C + kc] = conv.weight[kc, 0, u, v].
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define SAEP_HD __host__ __device__ __forceinline__
+#else
+#define SAEP_HD inline
+#endif
+
+namespace saep {
+
+constexpr int kMaxLayers = 16;
+
+enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
+enum class Pool : int32_t { Avg = 0, Max = 1 };
+
+struct Geometry {
+  int64_t batch;
+  int64_t channels;  // C per layer
+  int64_t height;    // H
+  int64_t width;     // W
+  int64_t prefix;    // tokens skipped at the front of each layer
+  int32_t num_layers;
+  int32_t ksize;     // 1, 3, 5 or 7
+  bool residual;
+  Pool pool;
+  DType dtype;
+
+  SAEP_HD int64_t out_height() const { return (height + 1) / 2; }
+  SAEP_HD int64_t out_width() const { return (width + 1) / 2; }
+  SAEP_HD int64_t windows() const { return out_height() * out_width(); }
+  SAEP_HD int64_t kc() const { return num_layers * channels; }
+  SAEP_HD int32_t pad() const { return ksize / 2; }
+};
+
+struct LayerPtrs {
+  const void* data[kMaxLayers];
+  int64_t stride_b[kMaxLayers];  // elements
+  int64_t stride_t[kMaxLayers];  // elements; the channel stride is 1
+};
+
+struct FwdParams {
+  Geometry g;
+  LayerPtrs x;
+  const void* weight;  // [k*k, K*C] compute type
+  const void* bias;    // [K*C] compute type, or nullptr
+  void* out;           // [B, Ho*Wo, K*C] contiguous, input dtype
+  uint8_t* argmax;     // [B, Ho*Wo, K*C] window position 0..3 of each max, or nullptr
+};
+
+struct BwdParams {
+  Geometry g;
+  LayerPtrs x;
+  const void* grad_out;     // [B, Ho*Wo, K*C], input dtype, channel stride 1
+  int64_t gy_stride_b;      // elements
+  int64_t gy_stride_t;      // elements
+  const uint8_t* argmax;    // saved by the forward (max pool), else nullptr
+  const void* weight;       // [k*k, K*C] compute type
+  void* grad_x[kMaxLayers];  // contiguous [B, T, C] input dtype, or all nullptr; the
+                             // binding zeroes the prefix rows, the kernels write the grid
+  void* grad_w_part;        // [num_parts, k*k, K*C] compute type, or nullptr
+  void* grad_b_part;        // [num_parts, K*C] compute type, or nullptr
+};
+
+// Position (dy, dx) of a 2x2 window as stored in `argmax`.
+SAEP_HD int32_t window_code(int32_t dy, int32_t dx) { return dy * 2 + dx; }
+
+// Number of in-grid positions of window (oi, oj): 4, or 2/1 for the partial windows of odd
+// grids (ceil mode).
+SAEP_HD int32_t window_count(const Geometry& g, int64_t oi, int64_t oj) {
+  return (2 * oi + 1 < g.height ? 2 : 1) * (2 * oj + 1 < g.width ? 2 : 1);
+}
+
+}  // namespace saep

@@ -1,0 +1,35 @@
+// The CPU kernels against the naive loops, run serially and with a thread pool.
+#include <thread>
+#include <vector>
+
+#include "../cpu/dwconv_pool_cpu.h"
+#include "kernel_check.h"
+
+namespace {
+
+// A small thread pool stand-in: splits the task range over std::threads.
+saep::cpu::ParallelFor threaded_for(int threads) {
+  return [threads](int64_t n, const std::function<void(int64_t, int64_t)>& body) {
+    std::vector<std::thread> pool;
+    const int64_t chunk = (n + threads - 1) / threads;
+    for (int64_t begin = 0; begin < n; begin += chunk)
+      pool.emplace_back(body, begin, std::min(n, begin + chunk));
+    for (auto& t : pool) t.join();
+  };
+}
+
+}  // namespace
+
+int main() {
+  int rc = 0;
+  for (int threads : {1, 3}) {
+    auto pf = threads == 1 ? saep::cpu::serial_for() : threaded_for(threads);
+    saep::test::Backend be{
+        "cpu kernels (" + std::to_string(threads) + " thread" + (threads > 1 ? "s)" : ")"),
+        [pf](const saep::FwdParams& p) { saep::cpu::dwconv_pool_fwd(p, pf); },
+        [](const saep::Geometry& g) { return saep::cpu::bwd_num_parts(g); },
+        [pf](const saep::BwdParams& p) { saep::cpu::dwconv_pool_bwd(p, pf); }};
+    rc |= saep::test::run_all(be);
+  }
+  return rc;
+}
