@@ -1,7 +1,9 @@
 # saep-kernels: the two commands of the README, and their set-up.
 #
 #   make bench   set up, then run the default benchmark on the present device
-#   make test    set up, then run the whole test suite (what .ci/run runs)
+#   make test    set up, then run the whole test suite (what .ci/run runs): the C++ tests
+#                (CMake + ctest, plain and with AddressSanitizer; the CUDA kernels compiled
+#                with nvcc for sm_80/sm_90 when nvcc is there), then pytest
 #
 # Set-up keeps an installed torch (never up- or downgrades a user's GPU build); with no
 # torch it installs torch==2.13.0 (a CPU build on machines that have that wheel on disk).
@@ -11,7 +13,9 @@ PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: setup bench test clean
+CMAKE_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: setup bench test cpp-test clean
 
 setup:
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -26,8 +30,20 @@ setup:
 bench: setup
 	$(PYTHON) -m benchmarks $(ARGS)
 
-test: setup
+test: setup cpp-test
 	$(PYTHON) -m pytest -q $(ARGS)
 
+cpp-test:
+	@if ! command -v cmake >/dev/null 2>&1; then echo "cpp-test: cmake not found, C++ tests skipped"; exit 0; fi; \
+	set -e; \
+	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release > build-cmake.log 2>&1 || (cat build-cmake.log; exit 1); \
+	grep "saep:" build-cmake.log || true; \
+	cmake --build build/cmake -j $(CMAKE_JOBS); \
+	ctest --test-dir build/cmake --output-on-failure; \
+	cmake -S . -B build/cmake-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSAEP_SANITIZE=ON -DSAEP_CUDA=OFF > build-cmake-asan.log 2>&1 || (cat build-cmake-asan.log; exit 1); \
+	cmake --build build/cmake-asan -j $(CMAKE_JOBS); \
+	ctest --test-dir build/cmake-asan --output-on-failure; \
+	rm -f build-cmake.log build-cmake-asan.log
+
 clean:
-	rm -rf build dist *.egg-info saep_kernels/*.so .pytest_cache .hypothesis benchmarks/out
+	rm -rf build dist *.egg-info saep_kernels/*.so .pytest_cache .hypothesis benchmarks/out build-cmake*.log

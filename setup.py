@@ -49,6 +49,11 @@ def _extensions():
 
     sources = ["csrc/binding.cpp", "csrc/cpu/dwconv_pool_cpu.cpp"]
     cxx = ["-O3", "-std=c++17", "-Wno-unknown-pragmas"]
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is an inline OpenMP loop: without -fopenmp it runs on one thread
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     has_cuda_torch = torch.version.cuda is not None
     with_cuda = (not _flag("SAEP_SKIP_CUDA") and has_cuda_torch and CUDA_HOME is not None
                  and (torch.cuda.is_available() or _flag("SAEP_FORCE_CUDA")))
@@ -63,9 +68,11 @@ def _extensions():
             sources + ["csrc/binding_cuda.cpp", "csrc/cuda/dwconv_pool_cuda.cu"],
             define_macros=[("SAEP_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_link_args=link,
         )
     else:
-        ext = CppExtension("saep_kernels._C", sources, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("saep_kernels._C", sources, extra_compile_args={"cxx": cxx},
+                           extra_link_args=link)
 
     class OptionalBuildExtension(BuildExtension):
         """Builds the extension with ninja; a failed build warns instead of failing the

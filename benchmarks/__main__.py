@@ -15,7 +15,7 @@ import torch
 
 from .configs import CONFIGS, Config
 from .harness import copy_bandwidth, format_table, metadata, write_results
-from .op_bench import DTYPES, available_impls, bench_op, op_bytes
+from .op_bench import DTYPES, available_impls, bench_problem, op_bytes
 from .plots import plot_bandwidth_fraction, plot_op_latency
 
 TABLE = ["backend", "config", "batch", "dtype", "fwd_ms", "fwd_bwd_ms", "gbps", "bw_fraction",
@@ -39,9 +39,12 @@ def parse_args(argv):
                    "available on the device)")
     p.add_argument("--pool", default="avg", choices=["avg", "max"])
     p.add_argument("--no-backward", action="store_true", help="forward only")
-    p.add_argument("--reps", type=int, default=100, help="GPU repetitions (ms budget for do_bench)")
-    p.add_argument("--min-run-time", type=float, default=1.0,
-                   help="CPU seconds of measurement per timing")
+    p.add_argument("--reps", type=int, default=100,
+                   help="GPU: milliseconds of do_bench repetitions per timing")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved measurement rounds per implementation")
+    p.add_argument("--min-run-time", type=float, default=2.0,
+                   help="CPU: seconds of measurement per timing (split over the rounds)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="output directory")
     p.add_argument("--quick", action="store_true",
                    help="tiny problem, one short timing each: a smoke test, not a measurement")
@@ -65,6 +68,7 @@ def main(argv=None) -> int:
     if args.quick:
         configs = [Config("quick", "tiny", 6, 6, 16, 1, 2, 32)]
         batches, dtypes, min_run_time = [2], ["fp32"], 0.01
+        args.rounds, args.reps = 1, 10
 
     meta = metadata(device)
     print(f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']}")
@@ -74,20 +78,21 @@ def main(argv=None) -> int:
     meta["copy_bandwidth_gbps"] = copy_bps / 1e9
     print(f"device copy bandwidth (same run): {copy_bps / 1e9:.1f} GB/s")
 
-    jobs = [(i, c, b, dt) for c in configs for b in batches for dt in dtypes for i in impls]
+    problems = [(c, b, dt) for c in configs for b in batches for dt in dtypes]
     try:
         from tqdm import tqdm
-        progress = tqdm(jobs, desc="benchmarks", unit="run", file=sys.stderr)
+        progress = tqdm(problems, desc="benchmarks", unit="problem", file=sys.stderr)
     except ImportError:
-        progress = jobs
+        progress = problems
     rows = []
-    for impl, cfg, batch, dt in progress:
-        if hasattr(progress, "set_postfix_str"):
-            progress.set_postfix_str(f"{impl} {cfg.name} B={batch} {dt}")
+    for cfg, batch, dt in progress:
+        label = f"{cfg.name} B={batch} {dt}"
+        report = (lambda msg: progress.set_postfix_str(f"{label}: {msg}")) \
+            if hasattr(progress, "set_postfix_str") else None
         torch._dynamo.reset()
-        rows.append(bench_op(impl, cfg, batch, dt, device, copy_bps, pool=args.pool,
-                             backward=not args.no_backward, min_run_time=min_run_time,
-                             reps=args.reps))
+        rows += bench_problem(impls, cfg, batch, dt, device, copy_bps, pool=args.pool,
+                              backward=not args.no_backward, rounds=args.rounds,
+                              min_run_time=min_run_time, reps=args.reps, progress=report)
 
     print()
     print(format_table(rows, TABLE))

@@ -106,28 +106,51 @@ def metadata(device: torch.device) -> Dict[str, object]:
     return meta
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, reps: int = 50,
-            min_run_time: float = 1.0) -> Timing:
-    """Median and 20th/80th percentile time of ``fn()`` in ms."""
-    fn()  # warm-up (compiles, autotunes, fills caches)
+def _quantiles(times_ms: List[float]) -> Timing:
+    t = torch.tensor(sorted(times_ms), dtype=torch.float64)
+    q = t.quantile(torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
+    return Timing(float(q[1]), float(q[0]), float(q[2]))
+
+
+def _samples(fn: Callable[[], object], device: torch.device, reps: int,
+             min_run_time: float) -> List[float]:
+    """Per-call times in ms of one measurement of ``fn`` (already warmed up)."""
     if device.type == "cuda":
         import triton.testing
 
-        torch.cuda.synchronize()
-        p20, p50, p80 = triton.testing.do_bench(fn, warmup=25, rep=max(reps, 25),
-                                                quantiles=[0.2, 0.5, 0.8])
-        return Timing(p50, p20, p80)
+        return list(triton.testing.do_bench(fn, warmup=5, rep=reps, return_mode="all"))
     import torch.utils.benchmark as tb
 
     m = tb.Timer(stmt="fn()", globals={"fn": fn},
                  num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=min_run_time)
-    times = sorted(m.times)
-    if len(times) == 1:
-        t = times[0] * 1e3
-        return Timing(t, t, t)
-    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.2, 0.5, 0.8],
-                                                                       dtype=torch.float64))
-    return Timing(float(q[1]) * 1e3, float(q[0]) * 1e3, float(q[2]) * 1e3)
+    return [t * 1e3 for t in m.times]
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device,
+                     rounds: int = 5, reps: int = 100, min_run_time: float = 1.0,
+                     progress: Optional[Callable[[str], None]] = None) -> Dict[str, Timing]:
+    """Median and 20th/80th percentile per-call time (ms) of each function.
+
+    Each function is warmed up, then measured in ``rounds`` rounds that visit the functions
+    in turn (A B C A B C ...), so a slow spell of a shared machine falls on all of them
+    alike. GPU: ``triton.testing.do_bench`` (``reps`` ms per round, L2 flushed before each
+    call); CPU: ``torch.utils.benchmark`` blocks of ``min_run_time / rounds`` seconds.
+    """
+    for name, fn in fns.items():
+        if progress:
+            progress(f"warm-up {name}")
+        fn()
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in fns.items():
+            if progress:
+                progress(f"{name} round {r + 1}/{rounds}")
+            samples[name] += _samples(fn, device, max(reps // rounds, 10),
+                                      min_run_time / rounds)
+    return {name: _quantiles(ts) for name, ts in samples.items()}
 
 
 def copy_bandwidth(nbytes: int, device: torch.device, min_run_time: float = 1.0) -> float:
@@ -135,7 +158,8 @@ def copy_bandwidth(nbytes: int, device: torch.device, min_run_time: float = 1.0)
     n = max(nbytes // 4, 1)
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), device, min_run_time=min_run_time)
+    t = time_interleaved({"copy": lambda: dst.copy_(src)}, device, rounds=3,
+                         min_run_time=min_run_time)["copy"]
     return 2 * n * 4 / (t.median_ms * 1e-3)
 
 

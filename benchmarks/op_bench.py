@@ -18,7 +18,7 @@ import saep_kernels
 from saep_kernels import fused_aggregate, fused_aggregate_reference
 
 from .configs import Config
-from .harness import Row, peak_memory_mb, time_fn, triton_version, device_name
+from .harness import Row, device_name, peak_memory_mb, time_interleaved, triton_version
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -64,43 +64,53 @@ def op_function(impl: str, cfg: Config, pool: str, device: torch.device) -> Call
     return functools.partial(fused_aggregate, backend=impl, **kw)
 
 
-def bench_op(impl: str, cfg: Config, batch: int, dtype_name: str, device: torch.device,
-             copy_bps: float, pool: str = "avg", backward: bool = True,
-             min_run_time: float = 1.0, reps: int = 100) -> Row:
+def bench_problem(impls: List[str], cfg: Config, batch: int, dtype_name: str,
+                  device: torch.device, copy_bps: float, pool: str = "avg",
+                  backward: bool = True, rounds: int = 5, min_run_time: float = 1.0,
+                  reps: int = 100, progress=None) -> List[Row]:
+    """Rows for every implementation on one problem, timed interleaved (see harness)."""
     dtype = DTYPES[dtype_name]
     images = batch * cfg.crops
-    fn = op_function(impl, cfg, pool, device)
     layers, w, b = make_inputs(cfg, images, dtype, device, requires_grad=backward)
     fwd_bytes, bwd_bytes = op_bytes(cfg, images, dtype, pool)
+    gy = torch.randn(images, cfg.out_tokens, cfg.layers * cfg.channels, device=device,
+                     dtype=dtype)
+    inputs = [*layers, w, b]
+    fns = {impl: op_function(impl, cfg, pool, device) for impl in impls}
 
-    def forward():
-        with torch.no_grad():
-            return fn(layers, w, b)
+    def forward(fn):
+        def run():
+            with torch.no_grad():
+                return fn(layers, w, b)
+        return run
 
-    fwd = time_fn(forward, device, reps=reps, min_run_time=min_run_time)
-    row = Row(name=f"fused_aggregate[{impl}]", kind="op", backend=impl, config=cfg.name,
-              batch=batch, dtype=dtype_name, device=device_name(device),
-              torch=torch.__version__, triton=triton_version(),
-              fwd_ms=fwd.median_ms, fwd_p20_ms=fwd.p20_ms, fwd_p80_ms=fwd.p80_ms,
-              out_tokens=cfg.out_tokens, params=w.numel() + b.numel(),
-              note=f"pool={pool}, k=3, {torch.get_num_threads()} threads"
-              if device.type == "cpu" else f"pool={pool}, k=3")
-    row.gbps = fwd_bytes / (fwd.median_ms * 1e-3) / 1e9
-    row.bw_fraction = fwd_bytes / (fwd.median_ms * 1e-3) / copy_bps
-    if backward:
-        inputs = [*layers, w, b]
-        gy = torch.randn(images, cfg.out_tokens, cfg.layers * cfg.channels, device=device,
-                         dtype=dtype)
+    def forward_backward(fn):
+        return lambda: torch.autograd.grad(fn(layers, w, b), inputs, gy)
 
-        def forward_backward():
-            return torch.autograd.grad(fn(layers, w, b), inputs, gy)
-
-        fb = time_fn(forward_backward, device, reps=reps, min_run_time=min_run_time)
-        row.fwd_bwd_ms, row.fwd_bwd_p20_ms, row.fwd_bwd_p80_ms = fb.median_ms, fb.p20_ms, fb.p80_ms
-        total = fwd_bytes + bwd_bytes
-        row.fwd_bwd_gbps = total / (fb.median_ms * 1e-3) / 1e9
-        row.fwd_bwd_bw_fraction = total / (fb.median_ms * 1e-3) / copy_bps
-        row.peak_mem_mb = peak_memory_mb(forward_backward, device)
-    else:
-        row.peak_mem_mb = peak_memory_mb(forward, device)
-    return row
+    fwd = time_interleaved({i: forward(f) for i, f in fns.items()}, device, rounds, reps,
+                           min_run_time, progress)
+    fb = (time_interleaved({i: forward_backward(f) for i, f in fns.items()}, device, rounds,
+                           reps, min_run_time, progress) if backward else {})
+    note = f"pool={pool}, k=3" + (f", {torch.get_num_threads()} threads"
+                                  if device.type == "cpu" else "")
+    rows = []
+    for impl, fn in fns.items():
+        t = fwd[impl]
+        row = Row(name=f"fused_aggregate[{impl}]", kind="op", backend=impl, config=cfg.name,
+                  batch=batch, dtype=dtype_name, device=device_name(device),
+                  torch=torch.__version__, triton=triton_version(),
+                  fwd_ms=t.median_ms, fwd_p20_ms=t.p20_ms, fwd_p80_ms=t.p80_ms,
+                  out_tokens=cfg.out_tokens, params=w.numel() + b.numel(), note=note)
+        row.gbps = fwd_bytes / (t.median_ms * 1e-3) / 1e9
+        row.bw_fraction = fwd_bytes / (t.median_ms * 1e-3) / copy_bps
+        if backward:
+            u = fb[impl]
+            row.fwd_bwd_ms, row.fwd_bwd_p20_ms, row.fwd_bwd_p80_ms = u.median_ms, u.p20_ms, u.p80_ms
+            total = fwd_bytes + bwd_bytes
+            row.fwd_bwd_gbps = total / (u.median_ms * 1e-3) / 1e9
+            row.fwd_bwd_bw_fraction = total / (u.median_ms * 1e-3) / copy_bps
+            row.peak_mem_mb = peak_memory_mb(forward_backward(fn), device)
+        else:
+            row.peak_mem_mb = peak_memory_mb(forward(fn), device)
+        rows.append(row)
+    return rows

@@ -29,9 +29,13 @@ def fused_targets():
     return targets
 
 
-def target_params():
+def target_params(compiled_only=False):
+    """pytest params of the fused targets; compiled_only leaves out Triton's CPU interpreter
+    (for tests too large for it)."""
     params = []
     for name, device in fused_targets():
+        if compiled_only and name == "triton" and device == "cpu":
+            continue
         marks = [pytest.mark.gpu] if device == "cuda" else []
         params.append(pytest.param((name, device), id=f"{name}-{device}", marks=marks))
     return params

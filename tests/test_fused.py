@@ -9,6 +9,7 @@ grid appears, combined differently) rather than the full product.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -76,6 +77,32 @@ def _inputs(case: Case, device: str, requires_grad: bool = False):
 def _kwargs(case: Case):
     return dict(grid=(case.height, case.width), num_prefix_tokens=case.prefix,
                 residual=case.residual, pool=case.pool)
+
+
+# The full product for the compiled backends (milliseconds a case).
+FULL_CASES = [
+    Case(dtype, layers, ksize, pool, residual, grid[0], grid[1], prefix,
+         layout=("contiguous", "slice", "transposed")[i % 3], batch=1 + i % 2,
+         channels=(8, 3, 70)[i % 3], bias=i % 5 != 4)
+    for i, (dtype, layers, ksize, pool, residual, grid, prefix) in enumerate(itertools.product(
+        [F32, F16, BF16], [1, 2, 4], [1, 3, 5, 7], ["avg", "max"], [True, False],
+        [(4, 4), (5, 7), (1, 3), (27, 27)], [0, 1]))
+]
+
+
+@pytest.mark.parametrize("target", target_params(compiled_only=True))
+@pytest.mark.parametrize("case", FULL_CASES, ids=str)
+def test_full_product_forward_and_backward(target, case):
+    backend, device = target
+    layers, w, b = _inputs(case, device, requires_grad=True)
+    inputs = [*layers, w, b]
+    got_out = fused_aggregate(layers, w, b, **_kwargs(case), backend=backend)
+    want_out = fused_aggregate_reference(layers, w, b, **_kwargs(case))
+    assert_fwd_close(got_out, want_out, str(case))
+    gy = torch.randn_like(want_out)
+    got, want = grads(got_out, inputs, gy), grads(want_out, inputs, gy)
+    for i, (g, r) in enumerate(zip(got, want)):
+        assert_grad_close(g, r, f"input {i} {case}", reduction=i >= case.layers)
 
 
 @pytest.mark.parametrize("target", target_params())
@@ -217,9 +244,10 @@ def test_gradcheck_fp64(target, pool):
         return fused_aggregate(list(args[:2]), args[2], args[3], num_prefix_tokens=1, pool=pool,
                                backend=backend)
 
-    # fast_mode checks random projections of the Jacobian: a few calls instead of one per
-    # input element (the interpreted Triton path would take minutes otherwise).
-    assert torch.autograd.gradcheck(fn, (*layers, w, b), fast_mode=True)
+    # Triton's interpreter: fast_mode checks random projections of the Jacobian (a few calls
+    # instead of one per input element, which would take minutes); the rest: the full check.
+    fast = backend == "triton" and device == "cpu"
+    assert torch.autograd.gradcheck(fn, (*layers, w, b), fast_mode=fast)
 
 
 @pytest.mark.parametrize("target", target_params())

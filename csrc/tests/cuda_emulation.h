@@ -1,9 +1,9 @@
 // saep-kernels tests: just enough of the CUDA execution model, on CPU threads, to run the
 // CUDA kernels of csrc/cuda as plain C++ and check their results without a GPU.
 //
-// A launch runs the grid's blocks one after another; a block runs as blockDim.x real threads
-// that meet at __syncthreads() on a barrier, sharing a heap buffer as dynamic shared memory
-// (filled with garbage first, and exactly as large as asked, so AddressSanitizer sees any
+// A launch runs the grid's blocks one after another on blockDim real threads that meet at
+// __syncthreads() on a barrier and share a heap buffer as dynamic shared memory (refilled
+// with garbage for every block, and exactly as large as asked, so AddressSanitizer sees any
 // access past it). Index mistakes, missed zero-fills and shared-memory overruns show up;
 // data races and the memory model do not (that needs compute-sanitizer on a GPU).
 #pragma once
@@ -59,6 +59,11 @@ class Barrier {
       cv_.wait(lock, [&] { return gen != gen_; });
     }
   }
+  void reset(unsigned n) {
+    std::unique_lock<std::mutex> lock(m_);
+    n_ = n;
+    count_ = 0;
+  }
   // a thread that returned early no longer takes part
   void leave() {
     std::unique_lock<std::mutex> lock(m_);
@@ -92,28 +97,33 @@ inline unsigned char* dynamic_smem() { return ctx().smem; }
 template <typename Kernel, typename... Args>
 void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, const Args&... args) {
   const unsigned threads = block.x * block.y * block.z;
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        std::vector<unsigned char> smem(smem_bytes > 0 ? smem_bytes : 1, 0xCD);
-        Barrier barrier(threads);
-        std::vector<std::thread> pool;
-        pool.reserve(threads);
-        for (unsigned t = 0; t < threads; ++t) {
-          pool.emplace_back([&, t] {
-            Context& c = ctx();
-            c.thread = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-            c.block = dim3(bx, by, bz);
-            c.block_dim = block;
-            c.grid_dim = grid;
-            c.barrier = &barrier;
-            c.smem = smem.data();
-            kernel(args...);
-            barrier.leave();
-          });
+  std::vector<unsigned char> smem(smem_bytes > 0 ? smem_bytes : 1);
+  Barrier inner(threads), start(threads), end(threads);
+  auto worker = [&](unsigned t) {
+    Context& c = ctx();
+    c.thread = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+    c.block_dim = block;
+    c.grid_dim = grid;
+    c.barrier = &inner;
+    c.smem = smem.data();
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+      for (unsigned by = 0; by < grid.y; ++by)
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
+          if (t == 0) {  // everyone finished the previous block: fresh barrier, garbage smem
+            inner.reset(threads);
+            std::fill(smem.begin(), smem.end(), static_cast<unsigned char>(0xCD));
+          }
+          start.wait();
+          c.block = dim3(bx, by, bz);
+          kernel(args...);
+          inner.leave();
+          end.wait();
         }
-        for (auto& th : pool) th.join();
-      }
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  for (unsigned t = 0; t < threads; ++t) pool.emplace_back(worker, t);
+  for (auto& th : pool) th.join();
 }
 
 }  // namespace saep_emu

@@ -434,6 +434,19 @@ inline std::vector<Problem> standard_problems() {
   wide.height = 9;
   wide.width = 20;
   out.push_back(wide);
+  // grids with interior windows (whole patch in the grid) for every kernel size
+  for (int k : {3, 5, 7})
+    for (DType dt : {DType::F32, DType::BF16}) {
+      Problem big = out.front();
+      big.dtype = dt;
+      big.ksize = k;
+      big.height = 13;
+      big.width = 16;
+      big.channels = 40;
+      big.prefix = 1;
+      big.pad_t = 3;
+      out.push_back(big);
+    }
   return out;
 }
 
