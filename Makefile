@@ -25,7 +25,7 @@ setup:
 		$(PIP) install --disable-pip-version-check -q "$(TORCH_SPEC)"; \
 	fi
 	$(PIP) install --disable-pip-version-check -q "setuptools>=64" wheel ninja
-	$(PIP) install --disable-pip-version-check -q --no-build-isolation -e ".[test,bench]"
+	$(PIP) install --disable-pip-version-check -q --no-build-isolation -e ".[test,bench,transformers]"
 
 bench: setup
 	$(PYTHON) -m benchmarks $(ARGS)

@@ -56,6 +56,8 @@ class Row:
     bw_fraction: Optional[float] = None
     fwd_bwd_gbps: Optional[float] = None
     fwd_bwd_bw_fraction: Optional[float] = None
+    llm_ms: Optional[float] = None  # LLM decoder layers over out_tokens + text tokens
+    in_tokens: Optional[int] = None
     note: str = ""
 
 
@@ -163,18 +165,57 @@ def copy_bandwidth(nbytes: int, device: torch.device, min_run_time: float = 1.0)
     return 2 * n * 4 / (t.median_ms * 1e-3)
 
 
-def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
-    """Peak memory one call of ``fn`` allocates above what was allocated before it.
-
-    GPU: the CUDA caching allocator's max_memory_allocated. CPU: not measured here (None)."""
-    if device.type != "cuda":
+def _proc_status_kb(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
         return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return None
+
+
+def _release_free_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc), so it does not hide new allocations."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Peak memory one call of ``fn`` needs above what is in use before it, in MiB.
+
+    GPU: the CUDA caching allocator's max_memory_allocated. CPU (Linux): the process's peak
+    resident set size (VmHWM), reset just before the call through /proc/self/clear_refs, minus
+    the resident size then; freed heap is returned to the OS first. None where neither works.
+    """
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    _release_free_heap()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS
+    except OSError:
+        return None
+    base = _proc_status_kb("VmRSS")
+    out = fn()
+    peak = _proc_status_kb("VmHWM")
+    del out
+    if base is None or peak is None:
+        return None
+    return max(peak - base, 0) / 1024
 
 
 def write_results(rows: List[Row], meta: Dict[str, object], out_dir: Path, stem: str) -> Dict[str, Path]:

@@ -66,3 +66,51 @@ def plot_bandwidth_fraction(rows: List[Row], path: Path, title: str) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_projectors(rows: List[Row], path: Path, title: str) -> Path:
+    """Per projector: forward, forward+backward, and the LLM layers' time over its tokens."""
+    rs = [r for r in rows if r.kind == "projector" and r.fwd_ms is not None]
+    fig, ax = plt.subplots(figsize=(10, 0.55 * len(rs) + 1.8))
+    y = list(range(len(rs)))
+    h = 0.27
+    ax.barh([i - h for i in y], [r.fwd_ms for r in rs], height=h, label="projector forward")
+    ax.barh(y, [r.fwd_bwd_ms or 0 for r in rs], height=h, label="projector forward+backward")
+    if any(r.llm_ms for r in rs):
+        ax.barh([i + h for i in y], [r.llm_ms or 0 for r in rs], height=h,
+                label="LLM layers over its tokens (forward)")
+    for i, r in enumerate(rs):
+        ax.annotate(f"{r.fwd_ms:.3g}", (r.fwd_ms, i - h), va="center", fontsize=7,
+                    xytext=(2, 0), textcoords="offset points")
+        if r.fwd_bwd_ms:
+            ax.annotate(f"{r.fwd_bwd_ms:.3g}", (r.fwd_bwd_ms, i), va="center", fontsize=7,
+                        xytext=(2, 0), textcoords="offset points")
+    ax.set_yticks(y, [f"{r.name} ({r.out_tokens} tok, {r.params / 1e6:.1f}M)" for r in rs])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms (median, lower is better)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(rows: List[Row], path: Path, title: str) -> Path:
+    """Forward latency against the number of input patch tokens, one line per projector."""
+    rs = [r for r in rows if r.kind == "sweep"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for name in dict.fromkeys(r.name for r in rs):
+        pts = sorted((r.in_tokens, r.fwd_ms) for r in rs if r.name == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("input patch tokens (square grid)")
+    ax.set_ylabel("forward ms (median)")
+    ax.grid(True, which="both", lw=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,53 @@
+"""The benchmark tools never rot: the main job's CLI and the pytest-benchmark file run end to
+end on tiny shapes (one short timing each; the numbers mean nothing)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # the benchmarks never time the interpreter
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_main_job_quick(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu",
+                           "--out", str(tmp_path)], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "fused_aggregate" in out and "projectors" in out and "sweep" in out
+    data = json.loads((tmp_path / "results_cpu.json").read_text())
+    assert data["metadata"]["device"] and data["metadata"]["torch"]
+    kinds = {r["kind"] for r in data["rows"]}
+    assert {"op", "projector", "sweep"} <= kinds
+    with open(tmp_path / "results_cpu.csv") as f:
+        header = next(csv.reader(f))
+    for col in ["name", "kind", "backend", "config", "batch", "dtype", "device", "torch",
+                "triton", "fwd_ms", "fwd_bwd_ms", "peak_mem_mb", "params", "out_tokens", "gbps",
+                "bw_fraction"]:
+        assert col in header
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert len(pngs) >= 2, pngs
+    assert all((tmp_path / p).stat().st_size > 10_000 for p in pngs)
+
+
+def test_pytest_benchmark_file(tmp_path):
+    pytest.importorskip("pytest_benchmark")
+    env = _env()
+    env["SAEP_BENCH_QUICK"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q",
+                           "--benchmark-disable", "-p", "no:cacheprovider"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout
