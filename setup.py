@@ -21,7 +21,7 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["saep_kernels", "saep_kernels.triton_kernels"]
+PACKAGES = ["saep_kernels", "saep_kernels.integrations", "saep_kernels.triton_kernels"]
 PACKAGE_DIR = {"saep_kernels": "saep_kernels",
                "saep_kernels.triton_kernels": "triton_kernels"}
 

@@ -21,7 +21,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class Geometry:
     """Resolved sizes of one ``fused_aggregate`` call."""
 
-    batch: int
+    batch: object  # int, or a SymInt under torch.compile with a dynamic batch
     tokens: int
     channels: int
     num_layers: int
@@ -51,12 +51,22 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _square_side(n) -> Optional[int]:
+    """The side of a square of n cells, or None. Written with operations Dynamo traces on a
+    SymInt too (torch.compile with dynamic shapes), where math.isqrt does not."""
+    approx = int(math.sqrt(n)) if n > 0 else 0
+    for side in (approx - 1, approx, approx + 1):  # float rounding is at most one off
+        if side >= 0 and side * side == n:
+            return side
+    return None
+
+
 def resolve_grid(grid, tokens: int, num_prefix_tokens: int) -> Tuple[int, int]:
     """(H, W) from ``grid`` or, when it is None, the square grid of the non-prefix tokens."""
     patch_tokens = tokens - num_prefix_tokens
     if grid is None:
-        side = math.isqrt(max(patch_tokens, 0))
-        if side * side != patch_tokens or side == 0:
+        side = _square_side(patch_tokens)
+        if side is None or side == 0:
             raise ValueError(
                 f"grid=None needs a square number of patch tokens, but hidden_states have "
                 f"T - num_prefix_tokens = {tokens} - {num_prefix_tokens} = {patch_tokens}; "
@@ -120,7 +130,9 @@ def check_inputs(
                 f"hidden_states must share one shape [B, T, C]: hidden_states[0] is "
                 f"{tuple(first.shape)}, hidden_states[{i}] is {tuple(h.shape)}"
             )
-    batch, tokens, channels = (int(s) for s in first.shape)
+    # the batch may be symbolic under torch.compile (dynamic batch): never specialise on it
+    batch = first.shape[0]
+    tokens, channels = int(first.shape[1]), int(first.shape[2])
     num_layers = len(hidden_states)
 
     if not _is_int(num_prefix_tokens) or num_prefix_tokens < 0:

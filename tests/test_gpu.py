@@ -87,3 +87,25 @@ def test_compile_reduce_overhead_cuda_graphs(backend):
             out = compiled(layers, num_prefix_tokens=1)
         want = proj(layers, num_prefix_tokens=1)
     torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+
+
+def test_patched_llava_image_path_compiled_and_graphed_bf16():
+    """The SAEP LLaVA image-feature path on GPU in bf16: torch.compile and CUDA graphs."""
+    pytest.importorskip("transformers")
+    from examples import tiny_llava
+    from saep_kernels.integrations import transformers as hf
+
+    vision = tiny_llava.clip_config(image_size=336, patch_size=14, hidden=256, layers=6)
+    model, _ = tiny_llava.build_llava(vision)
+    hf.apply_saep(model, layers=(-2, -3, -5, -6))
+    model = model.cuda().to(torch.bfloat16).eval()
+    pixels = torch.randn(4, 3, 336, 336, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = hf.image_features(model, pixels)
+        hf.image_features(model, pixels)  # transformers' hooks install on the first call
+        compiled = torch.compile(lambda p: hf.image_features(model, p), fullgraph=True,
+                                 mode="reduce-overhead")  # CUDA graphs
+        for _ in range(3):
+            out = compiled(pixels)
+    assert out.shape == (4, 144, model.config.text_config.hidden_size)
+    torch.testing.assert_close(out.float(), eager.float(), rtol=5e-2, atol=5e-2)

@@ -1,0 +1,322 @@
+"""SAEP in Hugging Face ``transformers`` LLaVA models (LLaVA and LLaVA-NeXT).
+
+    from saep_kernels.integrations.transformers import apply_saep, adapt_processor
+
+    model = LlavaForConditionalGeneration.from_pretrained(...)
+    apply_saep(model, layers=(-2, -5, -8, -11))       # in place; returns the model
+    adapt_processor(processor, model)                 # image tokens: 576 -> 144
+    model.generate(**processor(images=image, text=prompt, return_tensors="pt"))
+
+``apply_saep`` replaces the multimodal projector by ``SAEPProjector``, sets the model's
+``vision_feature_layer`` to the chosen layers, and routes those layers' hidden states to the
+fused op as they are (no ``torch.cat``), skipping the CLS token when the model's
+``vision_feature_select_strategy`` is ``"default"`` (CLIP) and keeping every token when it is
+``"full"`` (SigLIP has no CLS). The settings are stored in ``config.saep``, so
+``save_pretrained`` writes a checkpoint (safetensors) that
+``SAEPLlavaForConditionalGeneration.from_pretrained`` (or the LLaVA-NeXT twin) rebuilds; the
+same classes build an SAEP model from a config for training from scratch (``saep_config``).
+
+``adapt_processor`` makes the processor insert as many image tokens as SAEP emits: the
+2x2-pooled grid (ceil mode), e.g. 24x24 -> 12x12 = 144 for CLIP-L/14-336, 27x27 -> 14x14 = 196
+for SigLIP-384, per crop for LLaVA-NeXT (see ``PooledPatchSize``).
+
+Needs transformers >= 5.0 (``LlavaModel.get_image_features`` returning a
+``BaseModelOutputWithPooling``); the core package never imports transformers.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from typing import Sequence
+
+import torch
+
+from ..modules import SAEPProjector
+
+try:
+    import transformers
+    from transformers import (LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
+                              LlavaNextForConditionalGeneration)
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
+                                                                    image_size_to_num_patches,
+                                                                    unpad_image)
+except ImportError as exc:  # pragma: no cover - exercised only without transformers
+    raise ImportError("saep_kernels.integrations.transformers needs transformers>=5.0: "
+                      "pip install 'saep-kernels[transformers]'") from exc
+
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(f"saep_kernels.integrations.transformers needs transformers>=5.0, found "
+                      f"{transformers.__version__}")
+
+__all__ = ["apply_saep", "adapt_processor", "saep_config", "saep_image_tokens", "PooledPatchSize",
+           "image_features",
+           "SAEPLlavaForConditionalGeneration", "SAEPLlavaNextForConditionalGeneration"]
+
+DEFAULT_LAYERS = (-2, -5, -8, -11)
+
+
+# ------------------------------------------------------------------------------ geometry
+
+
+def _patch_grid(config) -> int:
+    """Side of the tower's square patch grid (image_size // patch_size)."""
+    v = config.vision_config
+    return v.image_size // v.patch_size
+
+
+def _prefix(strategy: str) -> int:
+    if strategy == "default":
+        return 1  # the CLS token
+    if strategy == "full":
+        return 0
+    raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got "
+                     f"{strategy!r}")
+
+
+def saep_image_tokens(config) -> int:
+    """Image tokens SAEP emits per image (per crop for LLaVA-NeXT): ceil(H/2) * ceil(W/2)."""
+    side = _patch_grid(config)
+    return SAEPProjector.num_output_tokens(side)
+
+
+# ------------------------------------------------------------------------------ config
+
+
+def saep_config(config, layers: Sequence[int] = DEFAULT_LAYERS, kernel_size: int = 3,
+                pool: str = "avg", residual: bool = True, backend: str = "auto"):
+    """A copy of a LLaVA / LLaVA-NeXT config describing its SAEP version (``config.saep`` and
+    the list-valued ``vision_feature_layer``); build the model with the SAEP classes."""
+    config = config.__class__.from_dict(config.to_dict())
+    _set_saep(config, layers, kernel_size, pool, residual, backend)
+    return config
+
+
+def _set_saep(config, layers, kernel_size, pool, residual, backend):
+    layers = [int(i) for i in layers]
+    if not layers:
+        raise ValueError("layers must name at least one vision layer")
+    config.vision_feature_layer = layers
+    config.saep = dict(layers=layers, kernel_size=kernel_size, pool=pool, residual=residual,
+                       backend=backend)
+
+
+# ------------------------------------------------------------------------------ image features
+
+
+def _tower_layers(inner, pixel_values, layers, kwargs):
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("output_hidden_states", "return_dict")}
+    out = inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True, **kwargs)
+    return out, [out.hidden_states[i] for i in layers]
+
+
+def _project(inner, hidden_states, strategy):
+    side = _patch_grid(inner.config)
+    prefix = _prefix(strategy)
+    tokens = hidden_states[0].shape[1]
+    if tokens - prefix != side * side:
+        raise ValueError(
+            f"the vision tower gave {tokens} tokens per image, but a {side}x{side} grid with "
+            f"vision_feature_select_strategy={strategy!r} needs {side * side + prefix}; use "
+            f"'default' for towers with a CLS token and 'full' for towers without (SigLIP)")
+    return inner.multi_modal_projector(hidden_states, grid=(side, side), num_prefix_tokens=prefix)
+
+
+def _resolve(inner, vision_feature_layer, vision_feature_select_strategy):
+    layers = inner.config.vision_feature_layer if vision_feature_layer is None \
+        else vision_feature_layer
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    strategy = vision_feature_select_strategy or inner.config.vision_feature_select_strategy
+    return layers, strategy
+
+
+def _finish(out, features, kwargs):
+    out.pooler_output = features
+    if kwargs.get("return_dict") is False:
+        return out.to_tuple()
+    return out
+
+
+def _llava_image_features(self, pixel_values, vision_feature_layer=None,
+                          vision_feature_select_strategy=None, image_sizes=None, **kwargs):
+    """LlavaModel.get_image_features with SAEP: the selected layers go to the fused op."""
+    layers, strategy = _resolve(self, vision_feature_layer, vision_feature_select_strategy)
+    if image_sizes is not None:
+        kwargs["image_sizes"] = image_sizes
+    out, hidden = _tower_layers(self, pixel_values, layers, kwargs)
+    features = _project(self, hidden, strategy)
+    return _finish(out, list(features), kwargs)  # transformers wants one entry per image
+
+
+def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The image-feature path of an SAEP LLaVA model as one tensor [B, tokens, D]: the vision
+    tower, the selected layers, the SAEP projector. Unlike ``get_image_features`` (whose
+    per-image list fixes the batch size in a traced graph) it compiles once for every batch
+    size under ``torch.compile(dynamic=True)``."""
+    inner = model.model if hasattr(model, "model") else model
+    layers, strategy = _resolve(inner, None, None)
+    _, hidden = _tower_layers(inner, pixel_values, layers, {})
+    return _project(inner, hidden, strategy)
+
+
+def _pack_crops(self, features, image_sizes, side):
+    """LLaVA-NeXT's spatial_unpad layout of one image's crop features, on SAEP's grid: the base
+    image's tokens, then the crops' tokens arranged as one picture, cut back to the image's
+    aspect ratio, with an ``image_newline`` token closing each row."""
+    newline = self.image_newline
+    packed = []
+    for feat, size in zip(features, image_sizes):
+        if feat.shape[0] == 1:
+            packed.append(torch.cat((feat[0], newline[None].to(feat)), dim=0))
+            continue
+        rows, cols = get_anyres_image_grid_shape(size, self.config.image_grid_pinpoints,
+                                                 self.config.vision_config.image_size)
+        crops = feat[1:].view(rows, cols, side, side, -1)
+        picture = crops.permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)  # [D, rows*s, cols*s]
+        picture = unpad_image(picture, size)
+        picture = torch.cat((picture, newline[:, None, None].expand(*picture.shape[:-1], 1)
+                             .to(picture)), dim=-1)
+        packed.append(torch.cat((feat[0], picture.flatten(1, 2).transpose(0, 1)), dim=0))
+    return packed
+
+
+def _llava_next_image_features(self, pixel_values, image_sizes, vision_feature_layer=None,
+                               vision_feature_select_strategy=None, **kwargs):
+    """LlavaNextModel.get_image_features with SAEP: every crop through the fused op, then
+    LLaVA-NeXT's packing on the pooled grid."""
+    layers, strategy = _resolve(self, vision_feature_layer, vision_feature_select_strategy)
+    crops_per_image = [image_size_to_num_patches(image_size=s,
+                                                 grid_pinpoints=self.config.image_grid_pinpoints,
+                                                 patch_size=self.config.vision_config.image_size)
+                       for s in image_sizes]
+    if pixel_values.dim() == 5:
+        pixel_values = torch.cat([p[:n] for p, n in zip(pixel_values, crops_per_image)], dim=0)
+    elif pixel_values.dim() != 4:
+        raise ValueError(f"pixel_values must have 4 or 5 dimensions, got {tuple(pixel_values.shape)}")
+    out, hidden = _tower_layers(self, pixel_values, layers, kwargs)
+    features = torch.split(_project(self, hidden, strategy), crops_per_image, dim=0)
+    side = math.isqrt(features[0].shape[1])
+    return _finish(out, _pack_crops(self, features, image_sizes, side), kwargs)
+
+
+def _install(model) -> None:
+    """Swap the projector and the image-feature path of a LLaVA(-NeXT) model per
+    ``model.config.saep``."""
+    config = model.config
+    settings = config.saep
+    inner = model.model
+    old = inner.multi_modal_projector
+    ref = next(old.parameters(), None)
+    projector = SAEPProjector(
+        vision_dim=config.vision_config.hidden_size, num_layers=len(settings["layers"]),
+        llm_dim=config.text_config.hidden_size, kernel_size=settings["kernel_size"],
+        pool=settings["pool"], residual=settings["residual"], backend=settings["backend"],
+        device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+    inner.multi_modal_projector = projector
+    inner.config.vision_feature_layer = list(settings["layers"])
+    impl = _llava_next_image_features if hasattr(inner, "image_newline") else _llava_image_features
+    inner.get_image_features = types.MethodType(impl, inner)
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)):
+        raise TypeError("apply_saep takes a LlavaForConditionalGeneration or "
+                        f"LlavaNextForConditionalGeneration, got {type(model).__name__}")
+
+
+def apply_saep(model, layers: Sequence[int] = DEFAULT_LAYERS, kernel_size: int = 3,
+               pool: str = "avg", residual: bool = True, backend: str = "auto",
+               processor=None):
+    """Turn a LLaVA / LLaVA-NeXT model into its SAEP version, in place, and return it.
+
+    The new projector is freshly initialised (train it, or load an SAEP checkpoint). Pass the
+    model's ``processor`` to adapt its image-token count too (see ``adapt_processor``).
+    """
+    _check_model(model)
+    n = model.config.vision_config.num_hidden_layers
+    for i in layers:
+        if not -(n + 1) <= int(i) <= n:
+            raise ValueError(f"layers: {i} is not a hidden state of a {n}-layer vision tower "
+                             f"(hidden_states has {n + 1} entries)")
+    _set_saep(model.config, layers, kernel_size, pool, residual, backend)
+    _install(model)
+    if processor is not None:
+        adapt_processor(processor, model)
+    return model
+
+
+class PooledPatchSize(int):
+    """A processor ``patch_size`` that counts SAEP tokens: ``pixels // patch_size`` is the
+    number of 2x2-pooled tokens along a side of ``pixels`` pixels, ceil((pixels // p) / 2).
+
+    LLaVA processors count image tokens as ``(height // patch_size) * (width // patch_size)``
+    (LLaVA-NeXT per crop and for the unpadded picture), so with this value they count
+    exactly what SAEP emits, odd grids included. It is an ``int`` (p) everywhere else.
+    """
+
+    def __rfloordiv__(self, pixels):
+        return -(-(pixels // int(self)) // 2)
+
+    def __repr__(self):
+        return f"PooledPatchSize({int(self)})"
+
+
+def adapt_processor(processor, model_or_config):
+    """Make a LLaVA(-NeXT) processor insert SAEP's number of image tokens (in place): 576 ->
+    144 for CLIP-L/14-336, 27x27 -> 196 for SigLIP-384. A processor loaded from disk comes
+    back with the tower's plain patch size: adapt it again."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if getattr(config, "saep", None) is None:
+        raise ValueError("the model has no SAEP projector: call apply_saep first (or build it "
+                         "from saep_config)")
+    patch = int(getattr(processor, "patch_size", None) or config.vision_config.patch_size)
+    processor.patch_size = PooledPatchSize(patch)
+    return processor
+
+
+# ------------------------------------------------------------------------------ model classes
+
+
+class SAEPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """LLaVA with an SAEP projector, built from a config that has ``saep`` settings
+    (``saep_config``), or loaded with ``from_pretrained`` from a checkpoint saved after
+    ``apply_saep``."""
+
+    config_class = LlavaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        if getattr(config, "saep", None) is None:
+            _set_saep(config, DEFAULT_LAYERS, 3, "avg", True, "auto")
+        _install(self)
+
+
+class SAEPLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
+    """LLaVA-NeXT with an SAEP projector (every anyres crop through the fused op)."""
+
+    config_class = LlavaNextConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        if getattr(config, "saep", None) is None:
+            _set_saep(config, DEFAULT_LAYERS, 3, "avg", True, "auto")
+        _install(self)
+
+
+def _share_checkpoint_layout() -> None:
+    """Load and save SAEP checkpoints with the key renames transformers applies to LLaVA
+    checkpoints (it skips them for classes defined outside the library unless registered)."""
+    try:
+        from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
+                                                     register_checkpoint_conversion_mapping)
+    except ImportError:  # a transformers without conversion mappings renames nothing
+        return
+    for cls, model_type in ((SAEPLlavaForConditionalGeneration, "llava"),
+                            (SAEPLlavaNextForConditionalGeneration, "llava_next")):
+        mapping = get_checkpoint_conversion_mapping(model_type)
+        if mapping is not None:
+            register_checkpoint_conversion_mapping(cls.__name__, mapping, overwrite=True)
+
+
+_share_checkpoint_layout()

@@ -1,0 +1,218 @@
+"""Drop-in integrations, offline on tiny random models: Hugging Face LLaVA / LLaVA-NeXT
+(`apply_saep`), the LLaVA-style projector builder, torch.compile of the image-feature path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+if int(transformers.__version__.split(".")[0]) < 5:
+    pytest.skip("the transformers integration needs transformers>=5", allow_module_level=True)
+
+from PIL import Image  # noqa: E402
+
+from saep_kernels import SAEPProjector  # noqa: E402
+from saep_kernels.integrations import transformers as hf  # noqa: E402
+from saep_kernels.integrations.llava import (MultiLayerVisionTower, VisionFeatures,  # noqa: E402
+                                             build_vision_projector)
+from examples import tiny_llava  # noqa: E402
+
+PROMPT = "USER: <image> what is in this picture ASSISTANT:"
+
+
+def image(h=70, w=120, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
+
+
+def n_image_tokens(inputs):
+    return int((inputs["input_ids"] == tiny_llava.IMAGE_TOKEN_ID).sum())
+
+
+@pytest.fixture
+def llava():
+    model, processor = tiny_llava.build_llava()
+    hf.apply_saep(model, layers=(-2, -3, -4), processor=processor)
+    return model, processor
+
+
+def test_image_tokens_and_logits(llava):
+    model, processor = llava
+    inputs = processor(images=image(), text=PROMPT, return_tensors="pt")
+    assert n_image_tokens(inputs) == 4  # 56/14 = 4x4 patches -> 2x2
+    out = model(**inputs)
+    assert out.logits.shape == (1, inputs["input_ids"].shape[1], len(tiny_llava.WORDS))
+
+
+def test_image_features_equal_projector_on_the_hidden_states(llava):
+    model, processor = llava
+    pixels = processor(images=image(), text=PROMPT, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        feats = torch.stack(model.model.get_image_features(pixel_values=pixels).pooler_output)
+        hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+        proj = model.model.multi_modal_projector
+        assert isinstance(proj, SAEPProjector)
+        want = proj([hidden[i] for i in (-2, -3, -4)], num_prefix_tokens=1)
+    torch.testing.assert_close(feats, want)
+    assert model.config.vision_feature_layer == [-2, -3, -4]
+    assert model.config.saep["layers"] == [-2, -3, -4]
+
+
+def test_generate_runs(llava):
+    model, processor = llava
+    inputs = processor(images=image(), text=PROMPT, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 4)
+
+
+def test_save_and_load_round_trip_bitwise(llava, tmp_path):
+    model, processor = llava
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = hf.SAEPLlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith("multi_modal_projector.dwconv.weight") for k in a)
+    inputs = processor(images=image(), text=PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
+
+
+def test_build_from_config_for_training():
+    model, _ = tiny_llava.build_llava()
+    config = hf.saep_config(model.config, layers=(-1, -2), kernel_size=5, pool="max")
+    scratch = hf.SAEPLlavaForConditionalGeneration(config)
+    proj = scratch.model.multi_modal_projector
+    assert isinstance(proj, SAEPProjector) and proj.kernel_size == 5 and proj.pool == "max"
+    assert proj.num_layers == 2
+    assert model.config.saep is None if hasattr(model.config, "saep") else True
+
+
+def test_llava_next_multi_crop():
+    model, processor = tiny_llava.build_llava_next()
+    before = n_image_tokens(processor(images=image(), text=PROMPT, return_tensors="pt"))
+    hf.apply_saep(model, layers=(-2, -3), processor=processor, backend="reference")
+    inputs = processor(images=image(), text=PROMPT, return_tensors="pt")
+    after = n_image_tokens(inputs)
+    assert inputs["pixel_values"].shape[1] > 1  # the base image and its crops
+    assert after < before / 3
+    out = model(**inputs)  # raises if the features and the image tokens disagree
+    assert out.logits.shape[1] == inputs["input_ids"].shape[1]
+    model.generate(**inputs, max_new_tokens=2, do_sample=False)
+
+
+def test_siglip_like_odd_grid_without_cls():
+    model, processor = tiny_llava.build_llava(tiny_llava.siglip_config(), layer=-1)
+    before = n_image_tokens(processor(images=image(), text=PROMPT, return_tensors="pt"))
+    hf.apply_saep(model, layers=(-1, -2), processor=processor)
+    inputs = processor(images=image(), text=PROMPT, return_tensors="pt")
+    assert (before, n_image_tokens(inputs)) == (27 * 27, 14 * 14)
+    assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_wrong_strategy_is_a_clear_error():
+    model, processor = tiny_llava.build_llava(tiny_llava.siglip_config(), layer=-1)
+    hf.apply_saep(model, layers=(-1,), processor=processor)
+    model.config.vision_feature_select_strategy = "default"  # SigLIP has no CLS to drop
+    pixels = processor(images=image(), text=PROMPT, return_tensors="pt")["pixel_values"]
+    with pytest.raises(ValueError, match="use 'default' for towers with a CLS token"):
+        model.model.get_image_features(pixel_values=pixels)
+
+
+def test_apply_saep_checks_its_arguments():
+    model, _ = tiny_llava.build_llava()
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
+        hf.apply_saep(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="layers: -9 is not a hidden state"):
+        hf.apply_saep(model, layers=(-9,))
+    with pytest.raises(ValueError, match="call apply_saep first"):
+        hf.adapt_processor(tiny_llava.build_llava()[1], tiny_llava.build_llava()[0])
+
+
+def test_compile_image_feature_path_fullgraph_dynamic_batch(llava):
+    """The tower + fused op + MLP path compiles without graph breaks, once for all batches
+    (hf.image_features; get_image_features returns transformers' per-image list)."""
+    model, processor = llava
+    pixels = processor(images=[image(seed=i) for i in range(4)], text=[PROMPT] * 4,
+                       return_tensors="pt")["pixel_values"].repeat(5, 1, 1, 1)
+    def features(pixel_values):
+        return hf.image_features(model, pixel_values)
+
+    with torch.no_grad():
+        features(pixels[:1])  # transformers installs its output-capturing hooks on first call
+    torch._dynamo.reset()
+    # Dynamo (graph capture, graph breaks, guards) is what this checks; aot_eager traces the
+    # fake/autograd path of the op without paying Inductor's C++ build for a whole tower.
+    compiled = torch.compile(features, fullgraph=True, dynamic=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(pixels[:2]), features(pixels[:2]), rtol=1e-4,
+                                   atol=1e-5)
+        # one graph for every batch size >= 2 (PyTorch specialises sizes 0 and 1)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for batch in (3, 4, 20):
+                torch.testing.assert_close(compiled(pixels[:batch]), features(pixels[:batch]),
+                                           rtol=1e-4, atol=1e-5)
+
+
+def test_compile_projector_inductor_dynamic_batch():
+    torch._dynamo.reset()
+    proj = SAEPProjector(vision_dim=8, num_layers=2, llm_dim=16)
+    compiled = torch.compile(proj, fullgraph=True, dynamic=True)
+    layers = [torch.randn(4, 17, 8) for _ in range(2)]
+    with torch.no_grad():
+        compiled([h[:2] for h in layers], num_prefix_tokens=1)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for batch in (3, 4):
+                torch.testing.assert_close(
+                    compiled([h[:batch] for h in layers], num_prefix_tokens=1),
+                    proj([h[:batch] for h in layers], num_prefix_tokens=1), rtol=1e-5,
+                    atol=1e-5)
+
+
+def test_llava_builder_switches_by_config():
+    from types import SimpleNamespace
+
+    vision = tiny_llava.build_llava()[0].model.vision_tower
+    tower = MultiLayerVisionTower(vision, select_layer=[-2, -3])
+    feats = tower(torch.randn(2, 3, 56, 56))
+    assert isinstance(feats, VisionFeatures) and feats.num_prefix_tokens == 1
+    assert feats.grid == (4, 4) and len(feats.hidden_states) == 2
+    base = dict(mm_hidden_size=32, hidden_size=64, mm_vision_select_layer=[-2, -3])
+    saep = build_vision_projector(SimpleNamespace(mm_projector_type="saep", **base))
+    assert saep(feats).shape == (2, 4, 64)
+    torch.testing.assert_close(saep(feats), SAEPProjector.forward(
+        saep, list(feats.hidden_states), grid=(4, 4), num_prefix_tokens=1))
+    mlp = build_vision_projector(SimpleNamespace(mm_projector_type="mlp2x_gelu", **base))
+    assert list(mlp.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]  # LLaVA's
+    assert mlp(feats).shape == (2, 16, 64)
+    torch.testing.assert_close(mlp(feats), mlp(feats.patches()))
+    assert build_vision_projector(SimpleNamespace(mm_projector_type="linear", **base))(
+        feats).shape == (2, 16, 64)
+    assert build_vision_projector(SimpleNamespace(mm_projector_type="identity", **base))(
+        feats).shape == (2, 16, 64)
+    with pytest.raises(ValueError, match="Unknown projector type"):
+        build_vision_projector(SimpleNamespace(mm_projector_type="qformer", **base))
+
+
+def test_example_script_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "examples" / "llava_saep_demo.py")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "image tokens: 576 -> 144 (25%)" in proc.stdout
+    assert "generate, 8 new tokens" in proc.stdout
+
+
+def test_core_package_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, saep_kernels; sys.exit('transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
