@@ -38,7 +38,6 @@ try:
     import transformers
     from transformers import (LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
                               LlavaNextForConditionalGeneration)
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
     from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
                                                                     image_size_to_num_patches,
                                                                     unpad_image)
