@@ -66,6 +66,10 @@ def parse_args(argv):
     p.add_argument("--projector-dtype", choices=list(DTYPES))
     p.add_argument("--sweep-grids", nargs="+", type=int, help="sweep: grid sides")
     p.add_argument("--pool", default="avg", choices=["avg", "max"], help="op: pool mode")
+    p.add_argument("--compile-mode", default="auto",
+                   help="torch.compile mode of the compiled baselines (auto: "
+                        "max-autotune-no-cudagraphs on GPU, default on CPU; 'default' compiles "
+                        "faster)")
     p.add_argument("--no-backward", action="store_true", help="forward only")
     p.add_argument("--reps", type=int, default=100,
                    help="GPU: milliseconds of do_bench repetitions per timing")
@@ -137,6 +141,7 @@ def main(argv=None) -> int:
         return 2
     llm_cfg = DEFAULT_LLM[device.type]
     rounds, min_run_time, reps = args.rounds, args.min_run_time, args.reps
+    compile_mode = None if args.compile_mode == "default" else args.compile_mode
     sweep_names = [n for n in SWEEP_PROJECTORS if n in projector_names] + \
         (saep_rows[2:] or ["saep-eager"])
     if args.quick:
@@ -152,7 +157,7 @@ def main(argv=None) -> int:
 
     meta = metadata(device)
     meta.update(parts=parts, rounds=rounds, cpu_min_run_time_s=min_run_time,
-                gpu_reps_ms=reps, quick=args.quick)
+                gpu_reps_ms=reps, quick=args.quick, compile_mode=args.compile_mode)
     print(f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']}")
     rows = []
     steps = (len(op_configs) * len(batches) * len(dtypes) if "op" in parts else 0) + \
@@ -173,7 +178,7 @@ def main(argv=None) -> int:
                     torch._dynamo.reset()
                     rows += bench_problem(impls, cfg, batch, dt, device, copy_bps, args.pool,
                                           not args.no_backward, rounds, min_run_time, reps,
-                                          progress.detail)
+                                          progress.detail, compile_mode)
                     progress.done()
 
     if "projectors" in parts:
@@ -182,7 +187,7 @@ def main(argv=None) -> int:
             torch._dynamo.reset()
             rows += bench_projectors(projector_names, cfg, proj_batch, proj_dtype, device,
                                      rounds, min_run_time, reps, None, not args.no_backward,
-                                     progress.detail)
+                                     progress.detail, compile_mode)
             progress.done()
 
     if "sweep" in parts:

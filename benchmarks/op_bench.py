@@ -3,14 +3,14 @@
 Implementations:
 * ``eager``   - the reference (cat + depthwise conv2d + residual + pool) in eager PyTorch;
 * ``compile`` - the same under ``torch.compile`` (GPU: mode="max-autotune-no-cudagraphs";
-  CPU: the default mode, since max-autotune only adds GEMM templates there);
+  CPU: the default mode, since max-autotune only adds GEMM templates there; --compile-mode);
 * ``triton``, ``cpu``, ``cuda`` - the fused backends of saep_kernels available on the device.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -53,12 +53,19 @@ def make_inputs(cfg: Config, batch: int, dtype: torch.dtype, device: torch.devic
     return layers, w, b
 
 
-def op_function(impl: str, cfg: Config, pool: str, device: torch.device) -> Callable:
+def default_compile_mode(device: torch.device) -> Optional[str]:
+    """GPU: Inductor with autotuning, no CUDA graphs (a fair kernel-to-kernel comparison);
+    CPU: the default mode (max-autotune only adds GEMM templates there)."""
+    return "max-autotune-no-cudagraphs" if device.type == "cuda" else None
+
+
+def op_function(impl: str, cfg: Config, pool: str, device: torch.device,
+                compile_mode: Optional[str] = "auto") -> Callable:
     kw = dict(grid=(cfg.height, cfg.width), num_prefix_tokens=cfg.prefix, pool=pool)
     if impl in ("eager", "compile"):
         fn = functools.partial(fused_aggregate_reference, **kw)
         if impl == "compile":
-            mode = "max-autotune-no-cudagraphs" if device.type == "cuda" else None
+            mode = default_compile_mode(device) if compile_mode == "auto" else compile_mode
             fn = torch.compile(fn, mode=mode)
         return fn
     return functools.partial(fused_aggregate, backend=impl, **kw)
@@ -67,7 +74,7 @@ def op_function(impl: str, cfg: Config, pool: str, device: torch.device) -> Call
 def bench_problem(impls: List[str], cfg: Config, batch: int, dtype_name: str,
                   device: torch.device, copy_bps: float, pool: str = "avg",
                   backward: bool = True, rounds: int = 5, min_run_time: float = 1.0,
-                  reps: int = 100, progress=None) -> List[Row]:
+                  reps: int = 100, progress=None, compile_mode: Optional[str] = "auto") -> List[Row]:
     """Rows for every implementation on one problem, timed interleaved (see harness)."""
     dtype = DTYPES[dtype_name]
     images = batch * cfg.crops
@@ -76,7 +83,7 @@ def bench_problem(impls: List[str], cfg: Config, batch: int, dtype_name: str,
     gy = torch.randn(images, cfg.out_tokens, cfg.layers * cfg.channels, device=device,
                      dtype=dtype)
     inputs = [*layers, w, b]
-    fns = {impl: op_function(impl, cfg, pool, device) for impl in impls}
+    fns = {impl: op_function(impl, cfg, pool, device, compile_mode) for impl in impls}
 
     def forward(fn):
         def run():

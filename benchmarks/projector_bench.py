@@ -12,7 +12,7 @@ import torch
 from . import projectors as P
 from .configs import Config
 from .harness import Row, device_name, peak_memory_mb, time_interleaved, triton_version
-from .op_bench import DTYPES
+from .op_bench import DTYPES, default_compile_mode
 
 
 def _inputs(cfg: Config, height: int, width: int, batch: int, dtype, device, requires_grad=False):
@@ -48,11 +48,12 @@ def _callables(name: str, module: torch.nn.Module, cfg: Config, height: int, wid
     return forward, forward_backward, out_shape[1]
 
 
-def build_projector(name: str, cfg: Config, height: int, width: int, dtype, device):
+def build_projector(name: str, cfg: Config, height: int, width: int, dtype, device,
+                    compile_mode: Optional[str] = "auto"):
     module = P.build(name, cfg.channels, cfg.llm_dim, height, width, cfg.layers)
     module = module.to(device=device, dtype=dtype)
     if name == "saep-compile":
-        mode = "max-autotune-no-cudagraphs" if device.type == "cuda" else None
+        mode = default_compile_mode(device) if compile_mode == "auto" else compile_mode
         module = torch.compile(module, mode=mode)
     return module
 
@@ -60,7 +61,8 @@ def build_projector(name: str, cfg: Config, height: int, width: int, dtype, devi
 def bench_projectors(names: List[str], cfg: Config, batch: int, dtype_name: str,
                      device: torch.device, rounds: int, min_run_time: float, reps: int,
                      llm_ms: Optional[Dict[int, float]] = None, backward: bool = True,
-                     progress: Optional[Callable[[str], None]] = None) -> List[Row]:
+                     progress: Optional[Callable[[str], None]] = None,
+                     compile_mode: Optional[str] = "auto") -> List[Row]:
     dtype = DTYPES[dtype_name]
     images = batch * cfg.crops
     layers, patches = _inputs(cfg, cfg.height, cfg.width, images, dtype, device)
@@ -72,7 +74,7 @@ def bench_projectors(names: List[str], cfg: Config, batch: int, dtype_name: str,
             continue
         if progress:
             progress(f"build {name}")
-        module = build_projector(name, cfg, cfg.height, cfg.width, dtype, device)
+        module = build_projector(name, cfg, cfg.height, cfg.width, dtype, device, compile_mode)
         fwd, fb, out_tokens = _callables(name, module, cfg, cfg.height, cfg.width, layers,
                                          patches, dtype, device)
         runnable[name] = (module, fwd, fb, out_tokens)

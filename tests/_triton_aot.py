@@ -98,6 +98,24 @@ def _launch(direction, dtype, pool, ksize=3):
     return dp._dwconv_pool_bwd_kernel, args, consts, cfg
 
 
+def autotune_configs():
+    """Compile every forward autotune config (bf16, sm_90): name -> stats or error."""
+    from saep_kernels.triton_kernels import dwconv_pool as dp
+
+    results = {}
+    kernel, args, consts, _ = _launch("fwd", torch.bfloat16, "avg")
+    for cfg in dp.FWD_AUTOTUNE_CONFIGS:
+        name = "autotune-" + "-".join(f"{k}{v}" for k, v in cfg.kwargs.items()) + \
+            f"-w{cfg.num_warps}"
+        try:
+            c = dict(consts, **cfg.kwargs)
+            ptx = compile_kernel(kernel, args, c, 90, cfg.num_warps).asm["ptx"]
+            results[name] = {"ld_global_v4": ptx.count("ld.global.v4"), "local": ptx.count(".local")}
+        except Exception:
+            results[name] = {"error": traceback.format_exc()}
+    return results
+
+
 def main(names):
     results = {}
     for name in names:
@@ -118,4 +136,6 @@ def main(names):
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("run with TRITON_INTERPRET unset: the AOT path compiles real kernels")
-    print(json.dumps(main(sys.argv[1:] or list(CONFIGS))))
+    out = main(sys.argv[1:] or list(CONFIGS))
+    out.update(autotune_configs())
+    print(json.dumps(out))

@@ -27,6 +27,16 @@ def compiled():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def test_forward_autotune_configs_compile(compiled):
+    tuned = {k: v for k, v in compiled.items() if k.startswith("autotune-")}
+    from saep_kernels.triton_kernels import dwconv_pool as dp
+
+    assert len(tuned) == len(dp.FWD_AUTOTUNE_CONFIGS)
+    for name, stats in tuned.items():
+        assert "error" not in stats, (name, stats.get("error"))
+        assert stats["ld_global_v4"] > 0, name
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_kernel_compiles_with_vector_loads_and_no_spills(compiled, name):
     stats = compiled[name]

@@ -100,7 +100,7 @@ def _dwconv_pool_fwd_kernel(
     w_ptr, w_stride_c, w_stride_u, w_stride_v,
     bias_ptr,
     out_ptr, argmax_ptr,
-    C, H, W, OW, n_windows, n_window_tiles, prefix,
+    C, H, W, OW, n_windows, prefix,
     KSIZE: tl.constexpr, NUM_LAYERS: tl.constexpr,
     HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, POOL_MAX: tl.constexpr,
     SAVE_ARGMAX: tl.constexpr, ACC: tl.constexpr,
@@ -108,6 +108,7 @@ def _dwconv_pool_fwd_kernel(
 ):
     # program: (image b, window tile) x channel block x layer
     PAD: tl.constexpr = KSIZE // 2
+    n_window_tiles = tl.cdiv(n_windows, BLOCK_P)
     pid0 = tl.program_id(0)
     layer = tl.program_id(2)
     b = (pid0 // n_window_tiles).to(tl.int64)
@@ -331,6 +332,28 @@ def launch_config(n_windows: int, channels: int, interpret: Optional[bool] = Non
                         min(triton.next_power_of_2(channels), 64), 4)
 
 
+def autotuning() -> bool:
+    """Whether the forward picks its tiles by autotuning (on a GPU; SAEP_TRITON_AUTOTUNE=0
+    turns it off). The backward never autotunes: its tiles decide how the weight gradient's
+    partial sums are split, and those must not change between runs."""
+    return not interpreting() and os.environ.get("SAEP_TRITON_AUTOTUNE", "1") != "0"
+
+
+# Forward tiles tried on first use of each problem shape. The key holds no batch size: one
+# tuning serves every batch (and the forward's result does not depend on the tiles: each
+# output is the same sum in the same order).
+FWD_AUTOTUNE_CONFIGS = [
+    triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
+    for p, c, w in [(16, 64, 4), (32, 64, 4), (32, 128, 4), (64, 64, 4), (64, 128, 8),
+                    (16, 128, 4), (32, 32, 2), (64, 32, 4), (128, 64, 8)]
+]
+
+_dwconv_pool_fwd_autotuned = triton.autotune(
+    configs=FWD_AUTOTUNE_CONFIGS,
+    key=["C", "n_windows", "OW", "KSIZE", "NUM_LAYERS", "POOL_MAX", "SAVE_ARGMAX"],
+)(_dwconv_pool_fwd_kernel)
+
+
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -342,25 +365,32 @@ def _channel_contiguous(xs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
 
 
 def fwd_launch(xs, weight, bias, out, argmax, height, width, num_prefix_tokens, residual, pool,
-               store_argmax, cfg: LaunchConfig):
-    """(grid, runtime args, constexprs) of the forward kernel."""
+               store_argmax, cfg: Optional[LaunchConfig]):
+    """(grid, runtime args, constexprs) of the forward kernel. With ``cfg`` None the tile
+    sizes are left to the autotuner and the grid is a function of them."""
     batch, _, channels = xs[0].shape
     ow = (width + 1) // 2
     n_windows = ((height + 1) // 2) * ow
-    n_tiles = triton.cdiv(n_windows, cfg.block_p)
-    grid = (batch * n_tiles, triton.cdiv(channels, cfg.block_c), len(xs))
+
+    def grid(meta):
+        return (batch * triton.cdiv(n_windows, meta["BLOCK_P"]),
+                triton.cdiv(channels, meta["BLOCK_C"]), len(xs))
+
     args = (
         tuple(xs), tuple(x.stride(0) for x in xs), tuple(x.stride(1) for x in xs),
         weight, weight.stride(0), weight.stride(2), weight.stride(3),
         bias if bias is not None else weight,
         out, argmax if store_argmax else out,
-        channels, height, width, ow, n_windows, n_tiles, num_prefix_tokens,
+        channels, height, width, ow, n_windows, num_prefix_tokens,
     )
     consts = dict(
         KSIZE=weight.shape[-1], NUM_LAYERS=len(xs), HAS_BIAS=bias is not None,
         RESIDUAL=residual, POOL_MAX=pool == "max", SAVE_ARGMAX=store_argmax,
-        ACC=_acc_dtype(xs[0].dtype), BLOCK_P=cfg.block_p, BLOCK_C=cfg.block_c,
+        ACC=_acc_dtype(xs[0].dtype),
     )
+    if cfg is not None:
+        consts.update(BLOCK_P=cfg.block_p, BLOCK_C=cfg.block_c)
+        return grid(consts), args, consts
     return grid, args, consts
 
 
@@ -416,8 +446,13 @@ def dwconv_pool_fwd(
     argmax = x0.new_empty(out.shape if store_argmax else (0,), dtype=torch.uint8)
     if batch == 0:
         return out, argmax
-    cfg = launch_config(n_windows, channels)
     xs = _channel_contiguous(xs)
+    if autotuning():
+        grid, args, consts = fwd_launch(xs, weight, bias, out, argmax, height, width,
+                                        num_prefix_tokens, residual, pool, store_argmax, None)
+        _dwconv_pool_fwd_autotuned[grid](*args, **consts)
+        return out, argmax
+    cfg = launch_config(n_windows, channels)
     grid, args, consts = fwd_launch(xs, weight, bias, out, argmax, height, width,
                                     num_prefix_tokens, residual, pool, store_argmax, cfg)
     _dwconv_pool_fwd_kernel[grid](*args, **consts, num_warps=cfg.num_warps)
