@@ -20,22 +20,26 @@ def _groups(rows: List[Row]) -> Dict[str, List[Row]]:
     return out
 
 
-def plot_op_latency(rows: List[Row], path: Path, title: str) -> Path:
-    """Forward and forward+backward latency of each implementation, one panel per problem."""
-    groups = _groups([r for r in rows if r.kind == "op"])
+def _paired_bars(rows: List[Row], path: Path, title: str, left, right, ylabel: str,
+                 annotate: bool, ylim_one: bool) -> Path:
+    """One panel per problem, two bars (forward, forward+backward) per implementation."""
+    groups = _groups(rows)
     fig, axes = plt.subplots(1, len(groups), figsize=(4.8 * len(groups), 4.2), squeeze=False)
     for ax, (label, rs) in zip(axes[0], groups.items()):
-        names = [r.backend for r in rs]
         x = range(len(rs))
-        fwd = [r.fwd_ms or 0 for r in rs]
-        fb = [r.fwd_bwd_ms or 0 for r in rs]
-        ax.bar([i - 0.2 for i in x], fwd, width=0.4, label="forward")
-        ax.bar([i + 0.2 for i in x], fb, width=0.4, label="forward+backward")
-        for i, (f, g) in enumerate(zip(fwd, fb)):
-            ax.annotate(f"{f:.3g}", (i - 0.2, f), ha="center", va="bottom", fontsize=8)
-            ax.annotate(f"{g:.3g}", (i + 0.2, g), ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(list(x), names)
-        ax.set_ylabel("ms (median, lower is better)")
+        a = [left(r) or 0 for r in rs]
+        b = [right(r) or 0 for r in rs]
+        ax.bar([i - 0.2 for i in x], a, width=0.4, label="forward")
+        ax.bar([i + 0.2 for i in x], b, width=0.4, label="forward+backward")
+        if annotate:
+            for i, (f, g) in enumerate(zip(a, b)):
+                ax.annotate(f"{f:.3g}", (i - 0.2, f), ha="center", va="bottom", fontsize=8)
+                ax.annotate(f"{g:.3g}", (i + 0.2, g), ha="center", va="bottom", fontsize=8)
+        if ylim_one:
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+            ax.set_ylim(0, max(1.05, max(a + b) * 1.1))
+        ax.set_xticks(list(x), [r.backend for r in rs])
+        ax.set_ylabel(ylabel)
         ax.set_title(label, fontsize=10)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
@@ -43,29 +47,20 @@ def plot_op_latency(rows: List[Row], path: Path, title: str) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_op_latency(rows: List[Row], path: Path, title: str) -> Path:
+    """Forward and forward+backward latency of each implementation, one panel per problem."""
+    return _paired_bars([r for r in rows if r.kind == "op"], path, title,
+                        lambda r: r.fwd_ms, lambda r: r.fwd_bwd_ms,
+                        "ms (median, lower is better)", annotate=True, ylim_one=False)
 
 
 def plot_bandwidth_fraction(rows: List[Row], path: Path, title: str) -> Path:
     """Achieved bytes/s as a fraction of the same-run device copy, by implementation."""
-    groups = _groups([r for r in rows if r.kind == "op" and r.bw_fraction is not None])
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.8 * len(groups), 4.2), squeeze=False)
-    for ax, (label, rs) in zip(axes[0], groups.items()):
-        x = range(len(rs))
-        fwd = [r.bw_fraction or 0 for r in rs]
-        fb = [r.fwd_bwd_bw_fraction or 0 for r in rs]
-        ax.bar([i - 0.2 for i in x], fwd, width=0.4, label="forward")
-        ax.bar([i + 0.2 for i in x], fb, width=0.4, label="forward+backward")
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_xticks(list(x), [r.backend for r in rs])
-        ax.set_ylim(0, max(1.05, max(fwd + fb) * 1.1))
-        ax.set_ylabel("fraction of device copy bandwidth")
-        ax.set_title(label, fontsize=10)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _paired_bars([r for r in rows if r.kind == "op" and r.bw_fraction is not None],
+                        path, title, lambda r: r.bw_fraction, lambda r: r.fwd_bwd_bw_fraction,
+                        "fraction of device copy bandwidth", annotate=False, ylim_one=True)
 
 
 def plot_projectors(rows: List[Row], path: Path, title: str) -> Path:

@@ -52,6 +52,20 @@ def _pick(values, index, N: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(C, OW, n_windows, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's share of the work, the same in the forward and the backward:
+    axis 0 = (image b, tile of BLOCK_P windows), axis 1 = block of BLOCK_C channels,
+    axis 2 = layer. Returns (pid0, layer, b, window ids, channels, masks, window rows/cols)."""
+    n_window_tiles = tl.cdiv(n_windows, BLOCK_P)
+    pid0 = tl.program_id(0)
+    layer = tl.program_id(2)
+    b = (pid0 // n_window_tiles).to(tl.int64)
+    p = (pid0 % n_window_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return pid0, layer, b, p, c, p < n_windows, c < C, p // OW, p % OW
+
+
+@triton.jit
 def _x_tile(base, stride_t, prefix, row, col, H, W, c, p_mask, c_mask, ACC: tl.constexpr):
     """x[row, col, c] for a tile of grid positions (zero outside the grid), as ACC.
     The channel stride is 1 (the launcher guarantees it)."""
@@ -106,19 +120,8 @@ def _dwconv_pool_fwd_kernel(
     SAVE_ARGMAX: tl.constexpr, ACC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # program: (image b, window tile) x channel block x layer
     PAD: tl.constexpr = KSIZE // 2
-    n_window_tiles = tl.cdiv(n_windows, BLOCK_P)
-    pid0 = tl.program_id(0)
-    layer = tl.program_id(2)
-    b = (pid0 // n_window_tiles).to(tl.int64)
-    tile = pid0 % n_window_tiles
-    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_mask = p < n_windows
-    c_mask = c < C
-    oi = p // OW
-    oj = p % OW
+    _, layer, b, p, c, p_mask, c_mask, oi, oj = _program_tile(C, OW, n_windows, BLOCK_P, BLOCK_C)
     has_down = (2 * oi + 1) < H
     has_right = (2 * oj + 1) < W
     wc = layer * C + c
@@ -216,25 +219,16 @@ def _dwconv_pool_bwd_kernel(
     w_ptr, w_stride_c, w_stride_u, w_stride_v,
     gx_ptrs, gx_stride_b,
     gw_part_ptr, gb_part_ptr,
-    C, H, W, OW, n_windows, n_window_tiles, prefix,
+    C, H, W, OW, n_windows, prefix,
     KSIZE: tl.constexpr, NUM_LAYERS: tl.constexpr,
     RESIDUAL: tl.constexpr, POOL_MAX: tl.constexpr,
     NEED_X: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr, ACC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # program: (image b, window tile) x channel block x layer, as in the forward
     PAD: tl.constexpr = KSIZE // 2
     KC = NUM_LAYERS * C
-    pid0 = tl.program_id(0)
-    layer = tl.program_id(2)
-    b = (pid0 // n_window_tiles).to(tl.int64)
-    tile = pid0 % n_window_tiles
-    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_mask = p < n_windows
-    c_mask = c < C
-    oi = p // OW
-    oj = p % OW
+    pid0, layer, b, p, c, p_mask, c_mask, oi, oj = _program_tile(C, OW, n_windows, BLOCK_P,
+                                                                 BLOCK_C)
     wc = layer * C + c
     gy_base = gy_ptr + b * gy_stride_b
     am_base = argmax_ptr + b * n_windows * KC
@@ -411,7 +405,7 @@ def bwd_launch(grad_out, xs, weight, argmax, grad_xs, gw_part, gb_part, height, 
         tuple(grad_xs) if grad_xs else (unused,) * len(xs), tokens * channels,
         gw_part if gw_part is not None else unused,
         gb_part if gb_part is not None else unused,
-        channels, height, width, ow, n_windows, n_tiles, num_prefix_tokens,
+        channels, height, width, ow, n_windows, num_prefix_tokens,
     )
     consts = dict(
         KSIZE=weight.shape[-1], NUM_LAYERS=len(xs), RESIDUAL=residual, POOL_MAX=pool == "max",

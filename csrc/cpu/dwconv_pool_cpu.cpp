@@ -475,26 +475,30 @@ ParallelFor serial_for() {
 
 int64_t bwd_num_parts(const Geometry& g) { return g.batch; }
 
-void dwconv_pool_fwd(const FwdParams& p, const ParallelFor& parallel_for) {
-  void (*fn)(const FwdParams&, int64_t, int64_t) = nullptr;
-  switch (p.g.dtype) {
-    case DType::F32: fn = fwd_f32; break;
-    case DType::F64: fn = fwd_f64; break;
-    case DType::BF16: fn = fwd_bf16; break;
-    case DType::F16: fn = fwd_f16; break;
-  }
+namespace {
+
+template <typename Params>
+using ChunkFn = void (*)(const Params&, int64_t, int64_t);
+
+// Runs the dtype's entry point over the problem's tasks.
+template <typename Params>
+void run_tasks(const Params& p, const ParallelFor& parallel_for, ChunkFn<Params> f32,
+               ChunkFn<Params> f64, ChunkFn<Params> bf16, ChunkFn<Params> f16) {
+  ChunkFn<Params> fn = p.g.dtype == DType::F64    ? f64
+                       : p.g.dtype == DType::BF16 ? bf16
+                       : p.g.dtype == DType::F16  ? f16
+                                                  : f32;
   parallel_for(num_tasks(p.g), [&](int64_t b, int64_t e) { fn(p, b, e); });
 }
 
+}  // namespace
+
+void dwconv_pool_fwd(const FwdParams& p, const ParallelFor& parallel_for) {
+  run_tasks(p, parallel_for, fwd_f32, fwd_f64, fwd_bf16, fwd_f16);
+}
+
 void dwconv_pool_bwd(const BwdParams& p, const ParallelFor& parallel_for) {
-  void (*fn)(const BwdParams&, int64_t, int64_t) = nullptr;
-  switch (p.g.dtype) {
-    case DType::F32: fn = bwd_f32; break;
-    case DType::F64: fn = bwd_f64; break;
-    case DType::BF16: fn = bwd_bf16; break;
-    case DType::F16: fn = bwd_f16; break;
-  }
-  parallel_for(num_tasks(p.g), [&](int64_t b, int64_t e) { fn(p, b, e); });
+  run_tasks(p, parallel_for, bwd_f32, bwd_f64, bwd_bf16, bwd_f16);
 }
 
 }  // namespace cpu
