@@ -1,4 +1,4 @@
-"""The spec's reference configurations (op-spec.md section 3)."""
+"""The reference configurations (docs/op.md section 3)."""
 
 from __future__ import annotations
 

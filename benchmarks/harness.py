@@ -6,7 +6,7 @@ Method.
   writing a 256 MB buffer), warm-up then repetitions; median and the 20th/80th percentiles.
 * CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` with the thread count stated in the
   metadata; median and interquartile range over the measured blocks, after a warm-up call.
-* Bandwidth: bytes the op must move (spec section 4) / median time, and its fraction of a
+* Bandwidth: bytes the op must move (docs/op.md section 4) / median time, and its fraction of a
   device copy (``dst.copy_(src)`` of the same number of input bytes) measured in the same run.
 """
 

@@ -31,7 +31,7 @@ def available_impls(device: torch.device) -> List[str]:
 
 
 def op_bytes(cfg: Config, batch: int, dtype: torch.dtype, pool: str = "avg") -> Tuple[int, int]:
-    """(forward, backward) bytes the op must move (spec section 4).
+    """(forward, backward) bytes the op must move (docs/op.md section 4).
 
     forward: read K*B*H*W*C, write B*Ho*Wo*K*C. backward: read the inputs and grad_out, write
     the input grads (plus, for max, the saved argmax: one byte per output, written and read).

@@ -2,8 +2,7 @@
 for side-by-side timing with SAEP. Each takes the vision tower's patch tokens [B, H*W, C]
 (CLS already dropped; SAEP takes its K layers) and returns LLM tokens [B, N, D].
 
-Hyperparameters follow the source named in each docstring (read from the public code; see
-../shared/design/baselines.md). Parameter counts for C=1024, D=4096 are pinned in
+Hyperparameters follow the source named in each docstring (read from the public code). Parameter counts for C=1024, D=4096 are pinned in
 tests/test_projector_baselines.py.
 """
 

@@ -1,7 +1,7 @@
 // saep-kernels: the parameters of the fused op, shared by the CPU and CUDA kernels and the
 // torch binding. Plain C++ (no torch, no CUDA headers) so every piece can include it.
 //
-// The op (op-spec.md): K layers x_l [B, T, C] (channel stride 1, any batch/token strides),
+// The op (docs/op.md): K layers x_l [B, T, C] (channel stride 1, any batch/token strides),
 // tokens after `prefix` form an H x W grid, channel l*C + c of the virtual concat is channel
 // c of layer l, and
 //     z = dwconv_k(x) + bias (+ x if residual),   y = pool_2x2_ceil(z)  -> [B, Ho*Wo, K*C].

@@ -1,6 +1,6 @@
 """The pure-PyTorch definition of ``fused_aggregate``: the oracle every backend is tested against.
 
-It does literally what the spec says (``torch.cat`` of the layers, a depthwise ``conv2d``,
+It does literally what docs/op.md says (``torch.cat`` of the layers, a depthwise ``conv2d``,
 the residual, a ceil-mode 2x2 pool), in fp32 for fp16/bf16 inputs, so it is obviously right
 and differentiable by PyTorch's own autograd. It is also the "eager" and (under
 ``torch.compile``) the "compile" baseline of the benchmarks.

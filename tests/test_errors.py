@@ -1,4 +1,4 @@
-"""Each bad input of the spec raises a clear error that names the argument."""
+"""Each bad input of docs/op.md raises a clear error that names the argument."""
 
 import pytest
 import torch

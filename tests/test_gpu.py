@@ -1,4 +1,4 @@
-"""GPU-only checks: the spec's reference configurations at full channel width, CUDA graph
+"""GPU-only checks: the reference configurations (docs/op.md) at full channel width, CUDA graph
 capture and replay, and compile with CUDA graphs. Skipped without a CUDA device."""
 
 import pytest
@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.gpu,
 
 GPU_BACKENDS = [name for name, device in fused_targets() if device == "cuda"] or ["triton"]
 
-# spec section 3 (batch kept small: the point is the geometry and the channel width)
+# docs/op.md section 3 (batch kept small: the point is the geometry and the channel width)
 CONFIGS = {
     "llava15-7b": dict(height=24, width=24, channels=1024, prefix=1, layers=4, batch=2),
     "siglip-so400m": dict(height=27, width=27, channels=1152, prefix=0, layers=4, batch=2),

@@ -49,13 +49,15 @@ def test_image_tokens_and_logits(llava):
 def test_image_features_equal_projector_on_the_hidden_states(llava):
     model, processor = llava
     pixels = processor(images=image(), text=PROMPT, return_tensors="pt")["pixel_values"]
+    proj = model.model.multi_modal_projector
+    assert isinstance(proj, SAEPProjector)
+    reference = SAEPProjector(vision_dim=32, num_layers=3, llm_dim=64, backend="reference")
+    reference.load_state_dict(proj.state_dict())
     with torch.no_grad():
         feats = torch.stack(model.model.get_image_features(pixel_values=pixels).pooler_output)
         hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
-        proj = model.model.multi_modal_projector
-        assert isinstance(proj, SAEPProjector)
-        want = proj([hidden[i] for i in (-2, -3, -4)], num_prefix_tokens=1)
-    torch.testing.assert_close(feats, want)
+        want = reference([hidden[i] for i in (-2, -3, -4)], num_prefix_tokens=1)
+    torch.testing.assert_close(feats, want, rtol=1e-5, atol=1e-5)
     assert model.config.vision_feature_layer == [-2, -3, -4]
     assert model.config.saep["layers"] == [-2, -3, -4]
 

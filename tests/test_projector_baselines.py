@@ -1,6 +1,6 @@
 """The baseline projectors of the benchmarks match their papers/repositories for the
 llava15-7b configuration (CLIP ViT-L/14-336: 24x24 patches of C=1024, LLM D=4096): trainable
-parameter counts worked out from the upstream code (../shared/design/baselines.md) and the
+parameter counts worked out from the upstream code (see benchmarks/projectors.py) and the
 number of tokens each hands the LLM."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""The reference itself against a naive loop written straight from the spec, and the spec's
+"""The reference itself against a naive loop written straight from docs/op.md, and its
 algebraic facts (avg folding) that the CPU kernels rely on."""
 
 import itertools
@@ -12,7 +12,7 @@ from helpers import make_layers, make_params
 
 
 def naive_aggregate(hidden_states, weight, bias, height, width, prefix, residual, pool):
-    """Loops over output windows, window positions and taps, per the spec's steps 1-5."""
+    """Loops over output windows, window positions and taps, per docs/op.md section 1, steps 1-5."""
     x = torch.cat([h[:, prefix:, :].double() for h in hidden_states], dim=-1)  # [B, HW, KC]
     batch, _, kc = x.shape
     k = weight.shape[-1]

@@ -1,6 +1,6 @@
 """Triton kernels of the SAEP fused op: depthwise conv (+bias, +residual) and a 2x2 pool.
 
-The op (``../shared/design/op-spec.md``): K layers ``x_l`` of shape [B, T, C] are read in place
+The op (docs/op.md): K layers ``x_l`` of shape [B, T, C] are read in place
 (one pointer and one stride triple per layer, no concat), the tokens after ``prefix`` form an
 H x W grid, channel ``l*C + c`` of the virtual concat is channel c of layer l, and
 

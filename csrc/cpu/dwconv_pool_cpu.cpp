@@ -17,7 +17,7 @@
 // AVX-512, AVX2+FMA and baseline, picked at load time (target_clones).
 //
 // avg pool, forward: a kxk conv, the residual and the 2x2 average fold into one stride-2
-// (k+1)x(k+1) depthwise conv (spec section 4): 16 multiply-adds per output for k=3 instead
+// (k+1)x(k+1) depthwise conv (docs/op.md section 4): 16 multiply-adds per output for k=3 instead
 // of 36. The fold depends on the window: partial windows of odd grids (last row/column) drop
 // their out-of-grid positions and divide by their own count, so up to four folded kernels.
 // max pool, forward: the four conv outputs of a window share each loaded input element; the

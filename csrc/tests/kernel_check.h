@@ -1,5 +1,5 @@
 // saep-kernels C++ tests: a naive loop implementation of the op (forward and backward, in
-// double, straight from the spec) and a harness that runs a backend's kernels on random
+// double, straight from docs/op.md) and a harness that runs a backend's kernels on random
 // problems and compares. Used by the CPU kernel test and the emulated CUDA kernel test.
 #pragma once
 
