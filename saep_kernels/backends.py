@@ -106,9 +106,22 @@ def available_backends(device=None) -> Tuple[str, ...]:
                  if any(unavailable_reason(name, d) is None for d in devices))
 
 
+# The compiled kernels take the K layers as a fixed-size table (csrc/dwconv_pool.h).
+EXTENSION_MAX_LAYERS = 16
+
+
+def _problem_reason(name: str, num_layers: int) -> Optional[str]:
+    """None when backend ``name`` handles ``num_layers`` layers, else why not."""
+    if name in ("cpu", "cuda") and num_layers > EXTENSION_MAX_LAYERS:
+        return (f"the compiled kernels take at most {EXTENSION_MAX_LAYERS} layers, got "
+                f"{num_layers}")
+    return None
+
+
 @torch.compiler.assume_constant_result
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend name for ``backend`` (possibly ``"auto"``) on ``device``.
+def resolve_backend(backend: str, device: torch.device, num_layers: int = 1) -> str:
+    """The concrete backend name for ``backend`` (possibly ``"auto"``) on ``device``, for a
+    problem of ``num_layers`` layers.
 
     Under ``torch.compile`` this runs once at trace time and its answer is a constant of the
     graph (it imports modules, which Dynamo need not trace)."""
@@ -116,10 +129,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ("reference",)):
-            if unavailable_reason(name, device) is None:
+            if unavailable_reason(name, device) is None and \
+                    _problem_reason(name, num_layers) is None:
                 return name
         return "reference"
-    reason = unavailable_reason(backend, device)
+    reason = unavailable_reason(backend, device) or _problem_reason(backend, num_layers)
     if reason is not None:
         raise BackendUnavailable(f"backend={backend!r} is unavailable: {reason}")
     return backend

@@ -209,7 +209,7 @@ def fused_aggregate(
         [B, ceil(H/2)*ceil(W/2), K*C] in the dtype of ``hidden_states``.
     """
     geo = check_inputs(hidden_states, weight, bias, grid, num_prefix_tokens, residual, pool)
-    name = backends.resolve_backend(backend, hidden_states[0].device)
+    name = backends.resolve_backend(backend, hidden_states[0].device, geo.num_layers)
     if name == "reference":
         return _reference_unchecked(hidden_states, weight, bias, geo.height, geo.width,
                                     num_prefix_tokens, residual, pool)

@@ -137,6 +137,18 @@ def test_triton_on_cpu_without_interpreter_says_why(good, monkeypatch):
         call(layers, w, b, backend="triton")
 
 
+def test_too_many_layers_for_the_compiled_kernels():
+    import saep_kernels
+
+    layers = make_layers(1, 2, 2, 2, 17)
+    w, _ = make_params(17, 2, 1)
+    if "cpu" in saep_kernels.available_backends("cpu"):
+        with pytest.raises(BackendUnavailable, match="at most 16 layers, got 17"):
+            fused_aggregate(layers, w, backend="cpu")
+    # "auto" steps over the compiled kernels
+    assert fused_aggregate(layers, w).shape == (1, 1, 34)
+
+
 def test_missing_extension_says_why(good, monkeypatch):
     layers, w, b = good
     monkeypatch.setattr(backends_mod, "_import_extension",
