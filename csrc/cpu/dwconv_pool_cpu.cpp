@@ -108,6 +108,21 @@ struct View {
   const T* px(int64_t r, int64_t c) const { return x + (r * W + c) * st; }
 };
 
+// Calls f(a, e, x) for each in-grid pixel x of window (oi, oj)'s (k+1)x(k+1) patch: input
+// row 2*oi + a - p, column 2*oj + e - p (out-of-grid pixels are the conv's zero padding).
+template <typename T, typename A, typename F>
+SAEP_INLINE void for_patch(const View<T, A>& v, int64_t oi, int64_t oj, F&& f) {
+  for (int a = 0; a < v.k1; ++a) {
+    const int64_t r = 2 * oi + a - v.pad;
+    if (r < 0 || r >= v.H) continue;
+    for (int e = 0; e < v.k1; ++e) {
+      const int64_t col = 2 * oj + e - v.pad;
+      if (col < 0 || col >= v.W) continue;
+      f(a, e, v.px(r, col));
+    }
+  }
+}
+
 // The task's weights, channel-contiguous: w[tap][c] for tap = u*k + v.
 template <typename A>
 SAEP_INLINE void task_weights(const Geometry& g, const void* weight, const Task& t,
@@ -186,17 +201,11 @@ SAEP_INLINE void fwd_task(const FwdParams& p, const Task& t, Scratch<A>& s) {
           const int64_t len = SAEP_LEN(chunk, n);
           A acc[lanes<A>()];
           for (int64_t q = 0; q < len; ++q) acc[q] = bias ? bias[c + q] : A(0);
-          for (int a = 0; a < v.k1; ++a) {
-            const int64_t r = 2 * oi + a - v.pad;
-            if (r < 0 || r >= v.H) continue;
-            for (int e = 0; e < v.k1; ++e) {
-              const int64_t col = 2 * oj + e - v.pad;
-              if (col < 0 || col >= v.W) continue;
-              const T* xp = v.px(r, col) + c;
-              const A* wp = wv + (a * v.k1 + e) * v.C + c;
-              for (int64_t q = 0; q < len; ++q) acc[q] += ld<T, A>(xp[q]) * wp[q];
-            }
-          }
+          for_patch(v, oi, oj, [&](int a, int e, const T* x) SAEP_LAMBDA_INLINE {
+            const T* xp = x + c;
+            const A* wp = wv + (a * v.k1 + e) * v.C + c;
+            for (int64_t q = 0; q < len; ++q) acc[q] += ld<T, A>(xp[q]) * wp[q];
+          });
           for (int64_t q = 0; q < len; ++q) o[c + q] = Convert<T, A>::store(acc[q]);
         });
       }
@@ -217,31 +226,25 @@ SAEP_INLINE void fwd_task(const FwdParams& p, const Task& t, Scratch<A>& s) {
         A z[4][L];
         for (int d = 0; d < 4; ++d)
           for (int64_t q = 0; q < len; ++q) z[d][q] = bias ? bias[c + q] : A(0);
-        for (int a = 0; a < v.k1; ++a) {
-          const int64_t r = 2 * oi + a - v.pad;
-          if (r < 0 || r >= v.H) continue;
-          for (int e = 0; e < v.k1; ++e) {
-            const int64_t col = 2 * oj + e - v.pad;
-            if (col < 0 || col >= v.W) continue;
-            A xv[L];
-            const T* xp = v.px(r, col) + c;
-            for (int64_t q = 0; q < len; ++q) xv[q] = ld<T, A>(xp[q]);
-            // x[2oi+a-p, 2oj+e-p] feeds z[2oi+dy, 2oj+dx] through tap (a - dy, e - dx)
-            for (int dy = 0; dy < 2; ++dy) {
-              const int u = a - dy;
-              for (int dx = 0; dx < 2; ++dx) {
-                const int vv = e - dx;
-                A* zq = z[window_code(dy, dx)];
-                if (u >= 0 && u < v.k && vv >= 0 && vv < v.k) {
-                  const A* wp = w + (u * v.k + vv) * v.C + c;
-                  for (int64_t q = 0; q < len; ++q) zq[q] += xv[q] * wp[q];
-                }
-                if (g.residual && u == v.pad && vv == v.pad)
-                  for (int64_t q = 0; q < len; ++q) zq[q] += xv[q];
+        for_patch(v, oi, oj, [&](int a, int e, const T* x) SAEP_LAMBDA_INLINE {
+          A xv[L];
+          const T* xp = x + c;
+          for (int64_t q = 0; q < len; ++q) xv[q] = ld<T, A>(xp[q]);
+          // x[2oi+a-p, 2oj+e-p] feeds z[2oi+dy, 2oj+dx] through tap (a - dy, e - dx)
+          for (int dy = 0; dy < 2; ++dy) {
+            const int u = a - dy;
+            for (int dx = 0; dx < 2; ++dx) {
+              const int vv = e - dx;
+              A* zq = z[window_code(dy, dx)];
+              if (u >= 0 && u < v.k && vv >= 0 && vv < v.k) {
+                const A* wp = w + (u * v.k + vv) * v.C + c;
+                for (int64_t q = 0; q < len; ++q) zq[q] += xv[q] * wp[q];
               }
+              if (g.residual && u == v.pad && vv == v.pad)
+                for (int64_t q = 0; q < len; ++q) zq[q] += xv[q];
             }
           }
-        }
+        });
         for (int64_t q = 0; q < len; ++q) {
           // window order 00, 01, 10, 11; NaN wins, as in torch.max_pool2d
           A best = z[0][q];
