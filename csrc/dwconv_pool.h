@@ -21,6 +21,7 @@
 namespace saep {
 
 constexpr int kMaxLayers = 16;
+constexpr int kMaxKernel = 7;  // ksize is 1, 3, 5 or 7
 
 enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
 enum class Pool : int32_t { Avg = 0, Max = 1 };

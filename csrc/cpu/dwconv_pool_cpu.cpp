@@ -20,14 +20,20 @@
 // (k+1)x(k+1) depthwise conv (docs/op.md section 4): 16 multiply-adds per output for k=3 instead
 // of 36. The fold depends on the window: partial windows of odd grids (last row/column) drop
 // their out-of-grid positions and divide by their own count, so up to four folded kernels.
-// max pool, forward: the four conv outputs of a window share each loaded input element; the
-// argmax (window position 0..3) is saved for the backward.
+// max pool, forward: the window's four conv outputs, one after the other (each a dot product
+// held in registers; its inputs overlap the previous one's and come from L1); the argmax
+// (window position 0..3) is saved for the backward.
 //
-// Backward, one pass over the pixels: g_z (the pool's gradient at the conv output: g_y /
-// count for avg, g_y where the saved argmax points for max) gives grad_x = residual * g_z +
-// sum_{u,v} w[u,v] * g_z(shifted) and accumulates grad_w[u,v] += g_z * x(shifted) into the
-// task's [k*k, C] accumulator; the bias gradient sums g_y. Weight and bias gradients land in
-// the task's slice of a per-image partial buffer, which the caller reduces in a fixed order.
+// Backward. g_z is the pool's gradient at the conv output (g_y / count for avg, g_y where the
+// saved argmax points for max); grad_x = residual * g_z + sum_{u,v} w[u,v] * g_z(shifted),
+// grad_w[u,v] = sum g_z * x(shifted), grad_b = sum g_y.
+//   avg: the transposes of the folded forward: grad_x gathers g_y through the folded kernels,
+//     grad_w accumulates g_y * x over each window's (k+1)x(k+1) patch and unfolds at the end.
+//   max: per block of 256 channels (whole 1 KiB+ runs per pixel, still streamed), g_z is
+//     built a row at a time into a ring of k rows that grad_x gathers from; grad_w walks the
+//     windows, each tap's accumulator loaded and stored once per window.
+// Weight and bias gradients land in the task's slice of a per-image partial buffer, which the
+// caller reduces in a fixed order.
 #include "dwconv_pool_cpu.h"
 
 #include <algorithm>
@@ -176,7 +182,7 @@ SAEP_INLINE void fold_avg(const Geometry& g, const std::vector<A>& w, std::vecto
 // Per-thread scratch memory, reused by the tasks a thread runs.
 template <typename A>
 struct Scratch {
-  std::vector<A> w, wf, gw, gwf, gb;
+  std::vector<A> w, wf, gw, gwf, gb, gz;
 };
 
 // ---------------------------------------------------------------------------- forward
@@ -213,51 +219,52 @@ SAEP_INLINE void fwd_task(const FwdParams& p, const Task& t, Scratch<A>& s) {
     return;
   }
 
+  // max: the window's conv outputs one position at a time, each a kxk dot product in
+  // registers, kept if larger than the best so far
   const A* w = s.w.data();
-  constexpr int L = lanes<A>() / 4;  // four accumulator sets
+  constexpr int L = lanes<A>() / 2;
   for (int64_t oi = 0; oi < v.Ho; ++oi) {
-    const bool has_down = 2 * oi + 1 < v.H;
     for (int64_t oj = 0; oj < v.Wo; ++oj) {
-      const bool has_right = 2 * oj + 1 < v.W;
       T* o = out + (oi * v.Wo + oj) * v.kc;
       uint8_t* am = argmax ? argmax + (oi * v.Wo + oj) * v.kc : nullptr;
       for_chunks<L>(v.C, [&](auto chunk, int64_t c, int64_t n) SAEP_LAMBDA_INLINE {
         const int64_t len = SAEP_LEN(chunk, n);
-        A z[4][L];
-        for (int d = 0; d < 4; ++d)
-          for (int64_t q = 0; q < len; ++q) z[d][q] = bias ? bias[c + q] : A(0);
-        for_patch(v, oi, oj, [&](int a, int e, const T* x) SAEP_LAMBDA_INLINE {
-          A xv[L];
-          const T* xp = x + c;
-          for (int64_t q = 0; q < len; ++q) xv[q] = ld<T, A>(xp[q]);
-          // x[2oi+a-p, 2oj+e-p] feeds z[2oi+dy, 2oj+dx] through tap (a - dy, e - dx)
-          for (int dy = 0; dy < 2; ++dy) {
-            const int u = a - dy;
-            for (int dx = 0; dx < 2; ++dx) {
-              const int vv = e - dx;
-              A* zq = z[window_code(dy, dx)];
-              if (u >= 0 && u < v.k && vv >= 0 && vv < v.k) {
-                const A* wp = w + (u * v.k + vv) * v.C + c;
-                for (int64_t q = 0; q < len; ++q) zq[q] += xv[q] * wp[q];
-              }
-              if (g.residual && u == v.pad && vv == v.pad)
-                for (int64_t q = 0; q < len; ++q) zq[q] += xv[q];
+        A best[L];
+        uint8_t code[L];
+        for (int d = 0; d < 4; ++d) {
+          const int64_t i = 2 * oi + (d >> 1), j = 2 * oj + (d & 1);
+          if (i >= v.H || j >= v.W) continue;  // partial window of an odd grid
+          A z[L];
+          for (int64_t q = 0; q < len; ++q) z[q] = bias ? bias[c + q] : A(0);
+          if (g.residual) {
+            const T* xp = v.px(i, j) + c;
+            for (int64_t q = 0; q < len; ++q) z[q] += ld<T, A>(xp[q]);
+          }
+          for (int u = 0; u < v.k; ++u) {
+            const int64_t r = i + u - v.pad;
+            if (r < 0 || r >= v.H) continue;
+            for (int vv = 0; vv < v.k; ++vv) {
+              const int64_t col = j + vv - v.pad;
+              if (col < 0 || col >= v.W) continue;
+              const T* xp = v.px(r, col) + c;
+              const A* wp = w + (u * v.k + vv) * v.C + c;
+              for (int64_t q = 0; q < len; ++q) z[q] += ld<T, A>(xp[q]) * wp[q];
             }
           }
-        });
-        for (int64_t q = 0; q < len; ++q) {
-          // window order 00, 01, 10, 11; NaN wins, as in torch.max_pool2d
-          A best = z[0][q];
-          uint8_t code = 0;
-          if (has_right && (z[1][q] > best || z[1][q] != z[1][q])) { best = z[1][q]; code = 1; }
-          if (has_down && (z[2][q] > best || z[2][q] != z[2][q])) { best = z[2][q]; code = 2; }
-          if (has_down && has_right && (z[3][q] > best || z[3][q] != z[3][q])) {
-            best = z[3][q];
-            code = 3;
+          if (d == 0) {
+            for (int64_t q = 0; q < len; ++q) best[q] = z[q], code[q] = 0;
+          } else {
+            // window order 00, 01, 10, 11; a NaN wins, as in torch.max_pool2d
+            for (int64_t q = 0; q < len; ++q) {
+              const bool take = z[q] > best[q] || z[q] != z[q];
+              best[q] = take ? z[q] : best[q];
+              code[q] = take ? uint8_t(d) : code[q];
+            }
           }
-          o[c + q] = Convert<T, A>::store(best);
-          if (am) am[c + q] = code;
         }
+        for (int64_t q = 0; q < len; ++q) o[c + q] = Convert<T, A>::store(best[q]);
+        if (am)
+          for (int64_t q = 0; q < len; ++q) am[c + q] = code[q];
       });
     }
   }
@@ -286,16 +293,7 @@ SAEP_INLINE void bwd_task(const BwdParams& p, const Task& t, Scratch<A>& s) {
     gw = s.gw.data();
   }
   constexpr int L = lanes<A>() / 2;
-
-  // g_z(i, j) over a chunk: the window's g_y / count (avg) or g_y where the argmax is (max)
-  // max pool's g_z(i, j) over a chunk: g_y of the window where its argmax is (i, j)
-  auto grad_z = [&](int64_t i, int64_t j, int64_t c, int64_t len, A* dst) SAEP_LAMBDA_INLINE {
-    const int64_t widx = (i / 2) * v.Wo + j / 2;
-    const T* gp = gy + widx * gst + c;
-    const uint8_t* ap = am + widx * v.kc + c;
-    const uint8_t code = uint8_t(window_code(int(i & 1), int(j & 1)));
-    for (int64_t q = 0; q < len; ++q) dst[q] = ap[q] == code ? ld<T, A>(gp[q]) : A(0);
-  };
+  constexpr int64_t kMaxBwdBlock = 256;  // channels per block of the max backward
 
   if (!is_max) {
     // avg: the transposes of the folded forward
@@ -384,46 +382,99 @@ SAEP_INLINE void bwd_task(const BwdParams& p, const Task& t, Scratch<A>& s) {
         }
     }
   } else if (need_x || need_w) {
-    // max: g_z is g_y at the argmax, zero elsewhere; one pass over the pixels
-    for (int64_t i = 0; i < v.H; ++i) {
-      for (int64_t j = 0; j < v.W; ++j) {
-        for_chunks<L>(v.C, [&](auto chunk, int64_t c, int64_t n) SAEP_LAMBDA_INLINE {
-          const int64_t len = SAEP_LEN(chunk, n);
-          A gz[L];
-          grad_z(i, j, c, len, gz);
-          if (need_x) {
-            // residual * g_z(i, j) + sum_{u,v} w[u, v] * g_z(i - u + p, j - v + p)
-            A acc[L], nb[L];
-            for (int64_t q = 0; q < len; ++q) acc[q] = g.residual ? gz[q] : A(0);
-            for (int u = 0; u < k; ++u) {
-              const int64_t i2 = i - u + pad;
-              if (i2 < 0 || i2 >= v.H) continue;
-              for (int vv = 0; vv < k; ++vv) {
-                const int64_t j2 = j - vv + pad;
-                if (j2 < 0 || j2 >= v.W) continue;
-                grad_z(i2, j2, c, len, nb);
-                const A* wp = w + (u * k + vv) * v.C + c;
-                for (int64_t q = 0; q < len; ++q) acc[q] += wp[q] * nb[q];
-              }
-            }
-            T* o = gx + (i * v.W + j) * v.C + c;
-            for (int64_t q = 0; q < len; ++q) o[q] = Convert<T, A>::store(acc[q]);
+    // max: g_z is g_y at the saved argmax, zero elsewhere. The image is walked once per
+    // block of channels so that the block's input rows and g_z rows stay in L2 and its
+    // weights and weight-gradient accumulators in L1.
+    const int64_t cb = std::min<int64_t>(v.C, kMaxBwdBlock);
+    for (int64_t c0 = 0; c0 < v.C; c0 += cb) {
+      const int64_t cn = std::min<int64_t>(cb, v.C - c0);
+      if (need_x) {
+        // grad_x(i, j) = residual * g_z(i, j) + sum_{u,v} w[u, v] * g_z(i - u + p, j - v + p).
+        // Pixel row i reads g_z rows i - p .. i + p: g_z is built a row at a time into a ring
+        // of k rows, so every element is built once.
+        const int64_t row_len = v.W * cb;
+        s.gz.resize(size_t(k * row_len));
+        auto build_row = [&](int64_t r) {
+          A* dst = s.gz.data() + (r % k) * row_len;
+          for (int64_t j = 0; j < v.W; ++j) {
+            const int64_t widx = (r / 2) * v.Wo + j / 2;
+            const T* gp = gy + widx * gst + c0;
+            const uint8_t* ap = am + widx * v.kc + c0;
+            const uint8_t code = uint8_t(window_code(int(r & 1), int(j & 1)));
+            A* d = dst + j * cb;
+            for (int64_t q = 0; q < cn; ++q) d[q] = ap[q] == code ? ld<T, A>(gp[q]) : A(0);
           }
-          if (need_w) {
-            // grad_w[u, v] += g_z(i, j) * x(i + u - p, j + v - p)
-            for (int u = 0; u < k; ++u) {
-              const int64_t r = i + u - pad;
-              if (r < 0 || r >= v.H) continue;
-              for (int vv = 0; vv < k; ++vv) {
-                const int64_t col = j + vv - pad;
-                if (col < 0 || col >= v.W) continue;
-                const T* xp = v.px(r, col) + c;
-                A* dst = gw + (u * k + vv) * v.C + c;
-                for (int64_t q = 0; q < len; ++q) dst[q] += gz[q] * ld<T, A>(xp[q]);
-              }
-            }
+        };
+        const A* rows[kMaxKernel];  // rows[u]: g_z row i - u + p, or nullptr out of grid
+        for (int64_t r = 0; r < std::min<int64_t>(pad, v.H); ++r) build_row(r);
+        for (int64_t i = 0; i < v.H; ++i) {
+          if (i + pad < v.H) build_row(i + pad);
+          for (int u = 0; u < k; ++u) {
+            const int64_t i2 = i - u + pad;
+            rows[u] = i2 >= 0 && i2 < v.H ? s.gz.data() + (i2 % k) * row_len : nullptr;
           }
-        });
+          const A* self = rows[pad];
+          for (int64_t j = 0; j < v.W; ++j) {
+            for_chunks<L>(cn, [&](auto chunk, int64_t cc, int64_t n) SAEP_LAMBDA_INLINE {
+              const int64_t len = SAEP_LEN(chunk, n);
+              const int64_t c = c0 + cc;
+              A acc[L];
+              const A* gz = self + j * cb + cc;
+              for (int64_t q = 0; q < len; ++q) acc[q] = g.residual ? gz[q] : A(0);
+              for (int u = 0; u < k; ++u) {
+                if (!rows[u]) continue;
+                for (int vv = 0; vv < k; ++vv) {
+                  const int64_t j2 = j - vv + pad;
+                  if (j2 < 0 || j2 >= v.W) continue;
+                  const A* nb = rows[u] + j2 * cb + cc;
+                  const A* wp = w + (u * k + vv) * v.C + c;
+                  for (int64_t q = 0; q < len; ++q) acc[q] += wp[q] * nb[q];
+                }
+              }
+              T* o = gx + (i * v.W + j) * v.C + c;
+              for (int64_t q = 0; q < len; ++q) o[q] = Convert<T, A>::store(acc[q]);
+            });
+          }
+        }
+      }
+      if (need_w) {
+        // grad_w[u, v] += sum over the window's positions (dy, dx) of
+        //   g_z(2oi + dy, 2oj + dx) * x(2oi + dy + u - p, 2oj + dx + v - p),
+        // a window at a time so that each tap's accumulator is read and written once per window
+        constexpr int LW = lanes<A>() / 4;  // four g_z sets and an accumulator in registers
+        for (int64_t oi = 0; oi < v.Ho; ++oi) {
+          for (int64_t oj = 0; oj < v.Wo; ++oj) {
+            const int64_t widx = oi * v.Wo + oj;
+            const T* gp = gy + widx * gst + c0;
+            const uint8_t* ap = am + widx * v.kc + c0;
+            for_chunks<LW>(cn, [&](auto chunk, int64_t cc, int64_t n) SAEP_LAMBDA_INLINE {
+              const int64_t len = SAEP_LEN(chunk, n);
+              const int64_t c = c0 + cc;
+              A gz[4][LW];
+              for (int d = 0; d < 4; ++d)
+                for (int64_t q = 0; q < len; ++q)
+                  gz[d][q] = ap[cc + q] == d ? ld<T, A>(gp[cc + q]) : A(0);
+              for (int u = 0; u < k; ++u)
+                for (int vv = 0; vv < k; ++vv) {
+                  A* dst = gw + (u * k + vv) * v.C + c;
+                  A acc[LW];
+                  for (int64_t q = 0; q < len; ++q) acc[q] = dst[q];
+                  for (int dy = 0; dy < 2; ++dy) {
+                    const int64_t r = 2 * oi + dy + u - pad;
+                    if (2 * oi + dy >= v.H || r < 0 || r >= v.H) continue;
+                    for (int dx = 0; dx < 2; ++dx) {
+                      const int64_t col = 2 * oj + dx + vv - pad;
+                      if (2 * oj + dx >= v.W || col < 0 || col >= v.W) continue;
+                      const T* xp = v.px(r, col) + c;
+                      const A* z = gz[window_code(dy, dx)];
+                      for (int64_t q = 0; q < len; ++q) acc[q] += z[q] * ld<T, A>(xp[q]);
+                    }
+                  }
+                  for (int64_t q = 0; q < len; ++q) dst[q] = acc[q];
+                }
+            });
+          }
+        }
       }
     }
   }

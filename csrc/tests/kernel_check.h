@@ -391,7 +391,7 @@ inline int64_t check_problem(const Backend& be, const Problem& pr, uint32_t seed
 
 // The problems every backend is checked on: each dtype x kernel size x pool x residual, over
 // odd / even / non-square / degenerate grids, prefix tokens, strided layers, channel counts
-// below, at and above a 64-channel block, and the empty batch.
+// below, at and above a 64-channel block and past a 256-channel block, and the empty batch.
 inline std::vector<Problem> standard_problems() {
   std::vector<Problem> out;
   const DType dtypes[] = {DType::F32, DType::F64, DType::BF16, DType::F16};
@@ -447,6 +447,18 @@ inline std::vector<Problem> standard_problems() {
       big.pad_t = 3;
       out.push_back(big);
     }
+  // more than one 256-channel block of the CPU max backward, with a ragged last block
+  for (DType dt : {DType::F32, DType::BF16}) {
+    Problem blocks = out.front();
+    blocks.dtype = dt;
+    blocks.pool = Pool::Max;
+    blocks.ksize = 3;
+    blocks.channels = 300;
+    blocks.layers = 2;
+    blocks.height = 5;
+    blocks.width = 6;
+    out.push_back(blocks);
+  }
   return out;
 }
 
