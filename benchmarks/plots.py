@@ -16,7 +16,8 @@ from .harness import Row  # noqa: E402
 def _groups(rows: List[Row]) -> Dict[str, List[Row]]:
     out: Dict[str, List[Row]] = {}
     for r in rows:
-        out.setdefault(f"{r.config}, B={r.batch}, {r.dtype}", []).append(r)
+        pool = ", max pool" if "pool=max" in (r.note or "") else ""
+        out.setdefault(f"{r.config}, B={r.batch}, {r.dtype}{pool}", []).append(r)
     return out
 
 
