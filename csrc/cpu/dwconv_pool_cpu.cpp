@@ -5,7 +5,7 @@
 // in any order on any thread with the same result.
 //
 // Memory order. A task walks its image window by window (forward) or pixel by pixel
-// (backward) and, for each, runs over all C channels: every token row is read whole and in
+// (backward) and, for each, runs over all C channels (the max backward: over a block of 256): every token row is read whole and in
 // order, the pattern the hardware prefetchers stream at full bandwidth, and every output
 // row is written whole. (Walking the image once per block of channels instead reads a few
 // cache lines every C*sizeof(T) bytes: measured here at a quarter of the bandwidth.) The
@@ -29,7 +29,7 @@
 // grad_w[u,v] = sum g_z * x(shifted), grad_b = sum g_y.
 //   avg: the transposes of the folded forward: grad_x gathers g_y through the folded kernels,
 //     grad_w accumulates g_y * x over each window's (k+1)x(k+1) patch and unfolds at the end.
-//   max: per block of 256 channels (whole 1 KiB+ runs per pixel, still streamed), g_z is
+//   max: per block of 256 channels (runs of 0.5-2 KiB per pixel, still streamed), g_z is
 //     built a row at a time into a ring of k rows that grad_x gathers from; grad_w walks the
 //     windows, each tap's accumulator loaded and stored once per window.
 // Weight and bias gradients land in the task's slice of a per-image partial buffer, which the
