@@ -5,11 +5,12 @@
 // in any order on any thread with the same result.
 //
 // Memory order. A task walks its image window by window (forward) or pixel by pixel
-// (backward) and, for each, runs over all C channels (the max backward: over a block of 256): every token row is read whole and in
+// (backward) and, for each, runs over all C channels: every token row is read whole and in
 // order, the pattern the hardware prefetchers stream at full bandwidth, and every output
-// row is written whole. (Walking the image once per block of channels instead reads a few
-// cache lines every C*sizeof(T) bytes: measured here at a quarter of the bandwidth.) The
-// rows a window needs are reused from cache by its neighbours.
+// row is written whole. (Walking the image once per block of a few cache lines of channels
+// instead reads them every C*sizeof(T) bytes: measured here at a quarter of the bandwidth;
+// the max backward's 256-channel blocks are long enough runs to stream.) The rows a window
+// needs are reused from cache by its neighbours.
 //
 // Inner loops run over chunks of L channels with local accumulator arrays; for a full chunk
 // L is a compile-time trip count, so the loops unroll into SIMD registers (the tail of C
