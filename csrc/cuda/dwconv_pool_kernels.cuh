@@ -174,6 +174,27 @@ __device__ __forceinline__ BlockPos block_pos(const Tiling& t) {
   return bp;
 }
 
+// Element idx of a block's staged region: S pixels a row from input row 2*oi0 - pad and
+// column 2*oj0 - pad, t.cv channel vectors of `vec` channels a pixel, pixel-major.
+struct RegionElem {
+  int cv, pix;
+  int64_t gi, gj, ch;
+  bool inside;  // in the grid and below the last channel
+};
+
+__device__ __forceinline__ RegionElem region_elem(const Geometry& g, const Tiling& t,
+                                                  const BlockPos& bp, int S, int pad, int vec,
+                                                  int idx) {
+  RegionElem e;
+  e.cv = idx % t.cv;
+  e.pix = idx / t.cv;
+  e.gi = 2 * bp.oi0 - pad + e.pix / S;
+  e.gj = 2 * bp.oj0 - pad + e.pix % S;
+  e.ch = bp.c0 + int64_t(e.cv) * vec;
+  e.inside = e.gi >= 0 && e.gi < g.height && e.gj >= 0 && e.gj < g.width && e.ch < g.channels;
+  return e;
+}
+
 // Stage the block's pixel region of x (zero outside the grid and past the last channel).
 template <typename T, int VEC>
 __device__ __forceinline__ void stage_x(const LayerPtrs& x, const Geometry& g, const Tiling& t,
@@ -185,14 +206,10 @@ __device__ __forceinline__ void stage_x(const LayerPtrs& x, const Geometry& g, c
   const int64_t st = x.stride_t[bp.layer];
   const int n = R * S * t.cv;
   for (int idx = threadIdx.x; idx < n; idx += blockDim.x) {
-    const int cv = idx % t.cv;
-    const int pix = idx / t.cv;
-    const int64_t gi = 2 * bp.oi0 - pad + pix / S;
-    const int64_t gj = 2 * bp.oj0 - pad + pix % S;
-    const int64_t ch = bp.c0 + int64_t(cv) * VEC;
+    const RegionElem e = region_elem(g, t, bp, S, pad, VEC, idx);
     Vec<T, VEC> v;
-    if (gi >= 0 && gi < g.height && gj >= 0 && gj < g.width && ch < g.channels) {
-      v = *reinterpret_cast<const Vec<T, VEC>*>(base + (gi * g.width + gj) * st + ch);
+    if (e.inside) {
+      v = *reinterpret_cast<const Vec<T, VEC>*>(base + (e.gi * g.width + e.gj) * st + e.ch);
     } else {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) v.v[i] = store_acc<T>(typename AccOf<T>::type(0));
@@ -345,13 +362,10 @@ __global__ void dwconv_pool_bwd_kernel(BwdParams p, Tiling t) {
                                  : nullptr;
     const int n = R * S * t.cv;
     for (int idx = threadIdx.x; idx < n; idx += blockDim.x) {
-      const int cv = idx % t.cv;
-      const int pix = idx / t.cv;
-      const int64_t gi = 2 * bp.oi0 - PAD + pix / S;
-      const int64_t gj = 2 * bp.oj0 - PAD + pix % S;
-      const int64_t ch = bp.c0 + int64_t(cv) * VEC;
-      A* dst = gzs + int64_t(pix) * ch_block + cv * VEC;
-      if (gi >= 0 && gi < g.height && gj >= 0 && gj < g.width && ch < g.channels) {
+      const RegionElem e = region_elem(g, t, bp, S, PAD, VEC, idx);
+      const int64_t gi = e.gi, gj = e.gj, ch = e.ch;
+      A* dst = gzs + int64_t(e.pix) * ch_block + e.cv * VEC;
+      if (e.inside) {
         const int64_t oi = gi / 2, oj = gj / 2, w = oi * wo + oj;
         const Vec<T, VEC> gv = *reinterpret_cast<const Vec<T, VEC>*>(gy + w * p.gy_stride_t + ch);
         if (g.pool == Pool::Max) {
