@@ -21,6 +21,13 @@ def _groups(rows: List[Row]) -> Dict[str, List[Row]]:
     return out
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _paired_bars(rows: List[Row], path: Path, title: str, left, right, ylabel: str,
                  annotate: bool, ylim_one: bool) -> Path:
     """One panel per problem, two bars (forward, forward+backward) per implementation."""
@@ -44,10 +51,7 @@ def _paired_bars(rows: List[Row], path: Path, title: str, left, right, ylabel: s
         ax.set_title(label, fontsize=10)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_op_latency(rows: List[Row], path: Path, title: str) -> Path:
@@ -86,10 +90,7 @@ def plot_projectors(rows: List[Row], path: Path, title: str) -> Path:
     ax.set_xlabel("ms (median, lower is better)")
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_sweep(rows: List[Row], path: Path, title: str) -> Path:
@@ -106,7 +107,4 @@ def plot_sweep(rows: List[Row], path: Path, title: str) -> Path:
     ax.grid(True, which="both", lw=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
