@@ -112,6 +112,20 @@ def grads(out: torch.Tensor, inputs: Sequence[Optional[torch.Tensor]], grad_out:
     return [next(got) if (t is not None and t.requires_grad) else None for t in inputs]
 
 
+def check_forward_and_grads(backend: str, layers, weight, bias, kwargs: dict, label: str) -> None:
+    """The backend's output and every gradient (hidden states, weight, bias) against the
+    reference's, for a random grad_out."""
+    from saep_kernels import fused_aggregate, fused_aggregate_reference
+
+    got_out = fused_aggregate(layers, weight, bias, backend=backend, **kwargs)
+    want_out = fused_aggregate_reference(layers, weight, bias, **kwargs)
+    assert_fwd_close(got_out, want_out, label)
+    gy = torch.randn_like(want_out)
+    inputs = [*layers, weight, bias]
+    for i, (g, r) in enumerate(zip(grads(got_out, inputs, gy), grads(want_out, inputs, gy))):
+        assert_grad_close(g, r, f"input {i} of {label}", reduction=i >= len(layers))
+
+
 class deterministic_algorithms:
     """Context manager for torch.use_deterministic_algorithms(True)."""
 

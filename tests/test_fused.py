@@ -17,8 +17,8 @@ import torch
 import saep_kernels
 from saep_kernels import FusedAggregateFunction, fused_aggregate, fused_aggregate_reference
 from conftest import target_params
-from helpers import (assert_fwd_close, assert_grad_close, deterministic_algorithms, grads,
-                     make_layers, make_params, out_tokens)
+from helpers import (assert_fwd_close, assert_grad_close, check_forward_and_grads,
+                     deterministic_algorithms, grads, make_layers, make_params, out_tokens)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -95,14 +95,7 @@ FULL_CASES = [
 def test_full_product_forward_and_backward(target, case):
     backend, device = target
     layers, w, b = _inputs(case, device, requires_grad=True)
-    inputs = [*layers, w, b]
-    got_out = fused_aggregate(layers, w, b, **_kwargs(case), backend=backend)
-    want_out = fused_aggregate_reference(layers, w, b, **_kwargs(case))
-    assert_fwd_close(got_out, want_out, str(case))
-    gy = torch.randn_like(want_out)
-    got, want = grads(got_out, inputs, gy), grads(want_out, inputs, gy)
-    for i, (g, r) in enumerate(zip(got, want)):
-        assert_grad_close(g, r, f"input {i} {case}", reduction=i >= case.layers)
+    check_forward_and_grads(backend, layers, w, b, _kwargs(case), str(case))
 
 
 @pytest.mark.parametrize("target", target_params())

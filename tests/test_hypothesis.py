@@ -6,9 +6,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from saep_kernels import fused_aggregate, fused_aggregate_reference
 from conftest import target_params
-from helpers import assert_fwd_close, assert_grad_close, grads, make_layers, make_params
+from helpers import check_forward_and_grads, make_layers, make_params
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -43,13 +42,7 @@ def _check(backend, device, pr):
                        device=device, bias=pr["bias"], requires_grad=True)
     kw = dict(grid=(pr["height"], pr["width"]), num_prefix_tokens=pr["prefix"],
               residual=pr["residual"], pool=pr["pool"])
-    got = fused_aggregate(layers, w, b, backend=backend, **kw)
-    want = fused_aggregate_reference(layers, w, b, **kw)
-    assert_fwd_close(got, want, str(pr))
-    gy = torch.randn_like(want)
-    inputs = [*layers, w, b]
-    for i, (g, r) in enumerate(zip(grads(got, inputs, gy), grads(want, inputs, gy))):
-        assert_grad_close(g, r, f"input {i} of {pr}", reduction=i >= pr["layers"])
+    check_forward_and_grads(backend, layers, w, b, kw, str(pr))
 
 
 @pytest.mark.parametrize("target", target_params())
