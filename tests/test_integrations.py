@@ -93,6 +93,17 @@ def test_build_from_config_for_training():
     assert model.config.saep is None if hasattr(model.config, "saep") else True
 
 
+def test_build_llava_next_from_config():
+    model, _ = tiny_llava.build_llava_next()
+    scratch = hf.SAEPLlavaNextForConditionalGeneration(hf.saep_config(model.config, layers=(-2, -3)))
+    proj = scratch.model.multi_modal_projector
+    assert isinstance(proj, SAEPProjector) and proj.num_layers == 2
+    # no saep settings in the config: the default layers
+    default = hf.SAEPLlavaNextForConditionalGeneration(model.config.__class__.from_dict(
+        model.config.to_dict()))
+    assert default.model.multi_modal_projector.num_layers == len(hf.DEFAULT_LAYERS)
+
+
 def test_llava_next_multi_crop():
     model, processor = tiny_llava.build_llava_next()
     before = n_image_tokens(processor(images=image(), text=PROMPT, return_tensors="pt"))

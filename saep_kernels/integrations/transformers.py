@@ -277,30 +277,29 @@ def adapt_processor(processor, model_or_config):
 # ------------------------------------------------------------------------------ model classes
 
 
-class SAEPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+class _SAEPFromConfig:
+    """Builds the base model, then swaps in the SAEP projector its config asks for (the
+    defaults where the config has no ``saep`` settings)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        if getattr(config, "saep", None) is None:
+            _set_saep(config, DEFAULT_LAYERS, 3, "avg", True, "auto")
+        _install(self)
+
+
+class SAEPLlavaForConditionalGeneration(_SAEPFromConfig, LlavaForConditionalGeneration):
     """LLaVA with an SAEP projector, built from a config that has ``saep`` settings
     (``saep_config``), or loaded with ``from_pretrained`` from a checkpoint saved after
     ``apply_saep``."""
 
     config_class = LlavaConfig
 
-    def __init__(self, config):
-        super().__init__(config)
-        if getattr(config, "saep", None) is None:
-            _set_saep(config, DEFAULT_LAYERS, 3, "avg", True, "auto")
-        _install(self)
 
-
-class SAEPLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
+class SAEPLlavaNextForConditionalGeneration(_SAEPFromConfig, LlavaNextForConditionalGeneration):
     """LLaVA-NeXT with an SAEP projector (every anyres crop through the fused op)."""
 
     config_class = LlavaNextConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        if getattr(config, "saep", None) is None:
-            _set_saep(config, DEFAULT_LAYERS, 3, "avg", True, "auto")
-        _install(self)
 
 
 def _share_checkpoint_layout() -> None:
