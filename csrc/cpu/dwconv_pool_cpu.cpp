@@ -344,17 +344,11 @@ SAEP_INLINE void bwd_task(const BwdParams& p, const Task& t, Scratch<A>& s) {
             A gv[L];
             for (int64_t q = 0; q < len; ++q) gv[q] = ld<T, A>(gp[c + q]) * scale;
             if (full) {
-              for (int a = 0; a < k1; ++a) {
-                const int64_t r = 2 * oi + a - pad;
-                if (r < 0 || r >= v.H) continue;
-                for (int e = 0; e < k1; ++e) {
-                  const int64_t col = 2 * oj + e - pad;
-                  if (col < 0 || col >= v.W) continue;
-                  const T* xp = v.px(r, col) + c;
-                  A* dst = gwf + (a * k1 + e) * v.C + c;
-                  for (int64_t q = 0; q < len; ++q) dst[q] += gv[q] * ld<T, A>(xp[q]);
-                }
-              }
+              for_patch(v, oi, oj, [&](int a, int e, const T* x) SAEP_LAMBDA_INLINE {
+                const T* xp = x + c;
+                A* dst = gwf + (a * k1 + e) * v.C + c;
+                for (int64_t q = 0; q < len; ++q) dst[q] += gv[q] * ld<T, A>(xp[q]);
+              });
               return;
             }
             for (int dy = 0; dy < 2; ++dy)
