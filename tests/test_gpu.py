@@ -4,9 +4,9 @@ capture and replay, and compile with CUDA graphs. Skipped without a CUDA device.
 import pytest
 import torch
 
-from saep_kernels import SAEPProjector, fused_aggregate, fused_aggregate_reference
+from saep_kernels import SAEPProjector
 from conftest import HAS_CUDA, fused_targets
-from helpers import assert_fwd_close, assert_grad_close, grads, make_layers, make_params
+from helpers import assert_grad_close, check_forward_and_grads, make_layers, make_params
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
@@ -32,14 +32,8 @@ def test_reference_configs(backend, config, dtype, pool):
                          requires_grad=True)
     w, b = make_params(cfg["layers"], cfg["channels"], 3, dtype=dtype, device="cuda",
                        requires_grad=True)
-    kw = dict(num_prefix_tokens=cfg["prefix"], pool=pool)
-    got = fused_aggregate(layers, w, b, backend=backend, **kw)
-    want = fused_aggregate_reference(layers, w, b, **kw)
-    assert_fwd_close(got, want, config)
-    gy = torch.randn_like(want)
-    inputs = [*layers, w, b]
-    for i, (g, r) in enumerate(zip(grads(got, inputs, gy), grads(want, inputs, gy))):
-        assert_grad_close(g, r, f"{config} input {i}", reduction=i >= cfg["layers"])
+    check_forward_and_grads(backend, layers, w, b,
+                            dict(num_prefix_tokens=cfg["prefix"], pool=pool), config)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
