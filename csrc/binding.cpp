@@ -40,9 +40,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd_cpu(
     const at::Tensor& grad_out, const std::vector<at::Tensor>& xs, const at::Tensor& weight,
     const at::Tensor& argmax, int64_t height, int64_t width, int64_t prefix, bool residual,
     int64_t pool, bool need_x, bool need_w, bool need_b) {
-  const Geometry g = check_geometry(xs, weight, height, width, prefix, residual, pool);
   BwdCall call = prepare_bwd(grad_out, xs, weight, argmax, height, width, prefix, residual,
-                             pool, need_x, need_w, need_b, cpu::bwd_num_parts(g));
+                             pool, need_x, need_w, need_b, cpu::bwd_num_parts);
   cpu::dwconv_pool_bwd(call.p, aten_parallel_for());
   return finish_bwd(call);
 }

@@ -150,12 +150,14 @@ struct BwdCall {
 inline BwdCall prepare_bwd(const at::Tensor& grad_out, const std::vector<at::Tensor>& xs,
                            const at::Tensor& weight, const at::Tensor& argmax, int64_t height,
                            int64_t width, int64_t prefix, bool residual, int64_t pool,
-                           bool need_x, bool need_w, bool need_b, int64_t num_parts) {
+                           bool need_x, bool need_w, bool need_b,
+                           int64_t (*num_parts_of)(const Geometry&)) {
   BwdCall call;
   BwdParams& p = call.p;
   p.g = check_geometry(xs, weight, height, width, prefix, residual, pool);
   const at::Tensor& x0 = xs[0];
   const Geometry& g = p.g;
+  const int64_t num_parts = num_parts_of(g);  // rows of the weight/bias partial sums
   TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == g.batch &&
                   grad_out.size(1) == g.windows() && grad_out.size(2) == g.kc(),
               "saep: grad_out must be [", g.batch, ", ", g.windows(), ", ", g.kc(), "], got ",

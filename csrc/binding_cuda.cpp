@@ -31,9 +31,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd_cuda(
     int64_t pool, bool need_x, bool need_w, bool need_b) {
   TORCH_CHECK(!xs.empty() && xs[0].is_cuda(), "saep: CUDA kernels need CUDA tensors");
   const c10::cuda::CUDAGuard guard(xs[0].device());
-  const Geometry g = check_geometry(xs, weight, height, width, prefix, residual, pool);
   BwdCall call = prepare_bwd(grad_out, xs, weight, argmax, height, width, prefix, residual,
-                             pool, need_x, need_w, need_b, cuda::bwd_parts(g));
+                             pool, need_x, need_w, need_b, cuda::bwd_parts);
   check_cuda(cuda::dwconv_pool_bwd(call.p, at::cuda::getCurrentCUDAStream().stream()));
   return finish_bwd(call);
 }
