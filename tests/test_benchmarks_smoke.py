@@ -23,7 +23,7 @@ def _env():
 def test_main_job_quick(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu",
                            "--out", str(tmp_path)], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=1800)
+                          text=True, timeout=1000)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "fused_aggregate" in out and "projectors" in out and "sweep" in out
@@ -48,6 +48,6 @@ def test_pytest_benchmark_file(tmp_path):
     env["SAEP_BENCH_QUICK"] = "1"
     proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q",
                            "--benchmark-disable", "-p", "no:cacheprovider"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1000)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout

@@ -1,11 +1,22 @@
 """SAEPProjector trains under torch.distributed on CPU (gloo, 2 processes): DDP gradients equal
 single-process gradients on the whole batch, and so do FSDP2 (fully_shard) gradients where
-this torch has it."""
+this torch has it.
+
+The workers are bounded in time: the process group has a short timeout, the parent waits for
+the workers up to a deadline and then ends them, and a worker that hangs prints its Python
+stacks first (faulthandler). The rendezvous uses a file store in the test's own directory (no
+port to race for) and gloo is pinned to the loopback interface. Only a failure before both
+ranks have joined the group (the transport's set-up, not the code under test) is retried.
+"""
 
 from __future__ import annotations
 
+import faulthandler
 import os
-import socket
+import time
+import warnings
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,12 +27,9 @@ from saep_kernels import SAEPProjector
 
 WORLD = 2
 BATCH = 4  # split evenly: each rank takes BATCH // WORLD images
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+GROUP_TIMEOUT_S = 60  # any collective (set-up included) that waits longer raises
+WORKERS_DEADLINE_S = 180  # normally ~10 s: two spawned interpreters, one tiny step
+SETUP_ATTEMPTS = 3
 
 
 def _model_and_data(backend: str):
@@ -41,9 +49,13 @@ def _reference_grads(backend: str):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _worker(rank: int, port: int, mode: str, backend: str, out_path: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank: int, run_dir: str, mode: str, backend: str):
+    faulthandler.dump_traceback_later(WORKERS_DEADLINE_S - 20, exit=False)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    store = dist.FileStore(os.path.join(run_dir, "store"), WORLD)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=GROUP_TIMEOUT_S))
+    Path(run_dir, f"joined{rank}").touch()
     try:
         model, layers = _model_and_data(backend)
         shard = [h[rank * BATCH // WORLD:(rank + 1) * BATCH // WORLD] for h in layers]
@@ -61,9 +73,43 @@ def _worker(rank: int, port: int, mode: str, backend: str, out_path: str):
             _loss(model, shard).backward()
             grads = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
         if rank == 0:
-            torch.save(grads, out_path)
+            torch.save(grads, os.path.join(run_dir, "grads.pt"))
     finally:
         dist.destroy_process_group()
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _join(context, deadline: float) -> None:
+    """Wait for the workers; past the deadline end them and raise (never hang the suite)."""
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for proc in context.processes:
+                if proc.is_alive():
+                    proc.terminate()
+                    proc.join(5)
+                    if proc.is_alive():
+                        proc.kill()
+            raise TimeoutError(f"the {WORLD} workers did not finish within {WORKERS_DEADLINE_S} s "
+                               "(their stacks are printed above)")
+
+
+def _run_workers(mode: str, backend: str, tmp_path: Path) -> Path:
+    """Run the workers; return the file rank 0 saved its gradients to."""
+    for attempt in range(1, SETUP_ATTEMPTS + 1):
+        run_dir = tmp_path / f"attempt{attempt}"
+        run_dir.mkdir()
+        context = mp.start_processes(_worker, args=(str(run_dir), mode, backend), nprocs=WORLD,
+                                     join=False, start_method="spawn")
+        try:
+            _join(context, time.monotonic() + WORKERS_DEADLINE_S)
+            return run_dir / "grads.pt"
+        except (TimeoutError, mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+            joined = all((run_dir / f"joined{r}").exists() for r in range(WORLD))
+            if joined or attempt == SETUP_ATTEMPTS:
+                raise
+            warnings.warn(f"gloo process group set-up failed (attempt {attempt} of "
+                          f"{SETUP_ATTEMPTS}), retrying: {exc}")
+    raise AssertionError("unreachable")
 
 
 def _fused_or_reference():
@@ -82,9 +128,7 @@ def test_distributed_gradients_equal_single_process(mode, tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     backend = _fused_or_reference()
-    out = str(tmp_path / "grads.pt")
-    mp.spawn(_worker, args=(_free_port(), mode, backend, out), nprocs=WORLD, join=True)
-    got = torch.load(out)
+    got = torch.load(_run_workers(mode, backend, tmp_path))
     want = _reference_grads(backend)
     assert got.keys() == want.keys()
     for name in want:
