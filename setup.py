@@ -48,7 +48,9 @@ def _extensions():
         return [], {}
 
     sources = ["csrc/binding.cpp", "csrc/cpu/dwconv_pool_cpu.cpp"]
-    cxx = ["-O3", "-std=c++17", "-Wno-unknown-pragmas"]
+    # no -std here: torch's BuildExtension adds the standard its own headers are written for
+    # (C++17 or C++20 by torch version); the kernels compile under both
+    cxx = ["-O3", "-Wno-unknown-pragmas"]
     link = []
     if sys.platform.startswith("linux"):
         # at::parallel_for is an inline OpenMP loop: without -fopenmp it runs on one thread
@@ -67,7 +69,7 @@ def _extensions():
             "saep_kernels._C",
             sources + ["csrc/binding_cuda.cpp", "csrc/cuda/dwconv_pool_cuda.cu"],
             define_macros=[("SAEP_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=link,
         )
     else:

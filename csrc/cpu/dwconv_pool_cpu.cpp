@@ -230,12 +230,8 @@ SAEP_INLINE void fwd_task(const FwdParams& p, const Task& t, Scratch<A>& s) {
       uint8_t* am = argmax ? argmax + (oi * v.Wo + oj) * v.kc : nullptr;
       for_chunks<L>(v.C, [&](auto chunk, int64_t c, int64_t n) SAEP_LAMBDA_INLINE {
         const int64_t len = SAEP_LEN(chunk, n);
-        A best[L];
-        uint8_t code[L];
-        for (int d = 0; d < 4; ++d) {
-          const int64_t i = 2 * oi + (d >> 1), j = 2 * oj + (d & 1);
-          if (i >= v.H || j >= v.W) continue;  // partial window of an odd grid
-          A z[L];
+        // z = conv output at grid position (i, j) for this chunk's channels
+        auto conv_at = [&](int64_t i, int64_t j, A* z) SAEP_LAMBDA_INLINE {
           for (int64_t q = 0; q < len; ++q) z[q] = bias ? bias[c + q] : A(0);
           if (g.residual) {
             const T* xp = v.px(i, j) + c;
@@ -252,15 +248,22 @@ SAEP_INLINE void fwd_task(const FwdParams& p, const Task& t, Scratch<A>& s) {
               for (int64_t q = 0; q < len; ++q) z[q] += ld<T, A>(xp[q]) * wp[q];
             }
           }
-          if (d == 0) {
-            for (int64_t q = 0; q < len; ++q) best[q] = z[q], code[q] = 0;
-          } else {
-            // window order 00, 01, 10, 11; a NaN wins, as in torch.max_pool2d
-            for (int64_t q = 0; q < len; ++q) {
-              const bool take = z[q] > best[q] || z[q] != z[q];
-              best[q] = take ? z[q] : best[q];
-              code[q] = take ? uint8_t(d) : code[q];
-            }
+        };
+        // the window's first position (2oi, 2oj) is always on the grid
+        A best[L];
+        uint8_t code[L];
+        conv_at(2 * oi, 2 * oj, best);
+        for (int64_t q = 0; q < len; ++q) code[q] = 0;
+        for (int d = 1; d < 4; ++d) {
+          const int64_t i = 2 * oi + (d >> 1), j = 2 * oj + (d & 1);
+          if (i >= v.H || j >= v.W) continue;  // partial window of an odd grid
+          A z[L];
+          conv_at(i, j, z);
+          // window order 00, 01, 10, 11; a NaN wins, as in torch.max_pool2d
+          for (int64_t q = 0; q < len; ++q) {
+            const bool take = z[q] > best[q] || z[q] != z[q];
+            best[q] = take ? z[q] : best[q];
+            code[q] = take ? uint8_t(d) : code[q];
           }
         }
         for (int64_t q = 0; q < len; ++q) o[c + q] = Convert<T, A>::store(best[q]);
