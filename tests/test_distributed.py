@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import sys
 import time
 import warnings
 from datetime import timedelta
@@ -51,7 +52,8 @@ def _reference_grads(backend: str):
 
 def _worker(rank: int, run_dir: str, mode: str, backend: str):
     faulthandler.dump_traceback_later(WORKERS_DEADLINE_S - 20, exit=False)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # no hostname look-up
     store = dist.FileStore(os.path.join(run_dir, "store"), WORLD)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=GROUP_TIMEOUT_S))
