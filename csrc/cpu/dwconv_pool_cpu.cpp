@@ -111,7 +111,6 @@ struct View {
         st(lp.stride_t[t.l]),
         x(static_cast<const T*>(lp.data[t.l]) + t.b * lp.stride_b[t.l] + geo.prefix * lp.stride_t[t.l]) {}
 
-  bool in_grid(int64_t r, int64_t c) const { return r >= 0 && r < H && c >= 0 && c < W; }
   const T* px(int64_t r, int64_t c) const { return x + (r * W + c) * st; }
 };
 
@@ -126,6 +125,21 @@ SAEP_INLINE void for_patch(const View<T, A>& v, int64_t oi, int64_t oj, F&& f) {
       const int64_t col = 2 * oj + e - v.pad;
       if (col < 0 || col >= v.W) continue;
       f(a, e, v.px(r, col));
+    }
+  }
+}
+
+// Calls f(u, vv, x) for each in-grid pixel x under tap (u, vv) of the kxk conv centred on
+// pixel (i, j): input row i + u - p, column j + vv - p (out-of-grid pixels are zero padding).
+template <typename T, typename A, typename F>
+SAEP_INLINE void for_taps(const View<T, A>& v, int64_t i, int64_t j, F&& f) {
+  for (int u = 0; u < v.k; ++u) {
+    const int64_t r = i + u - v.pad;
+    if (r < 0 || r >= v.H) continue;
+    for (int vv = 0; vv < v.k; ++vv) {
+      const int64_t col = j + vv - v.pad;
+      if (col < 0 || col >= v.W) continue;
+      f(u, vv, v.px(r, col));
     }
   }
 }
@@ -237,17 +251,11 @@ SAEP_INLINE void fwd_task(const FwdParams& p, const Task& t, Scratch<A>& s) {
             const T* xp = v.px(i, j) + c;
             for (int64_t q = 0; q < len; ++q) z[q] += ld<T, A>(xp[q]);
           }
-          for (int u = 0; u < v.k; ++u) {
-            const int64_t r = i + u - v.pad;
-            if (r < 0 || r >= v.H) continue;
-            for (int vv = 0; vv < v.k; ++vv) {
-              const int64_t col = j + vv - v.pad;
-              if (col < 0 || col >= v.W) continue;
-              const T* xp = v.px(r, col) + c;
-              const A* wp = w + (u * v.k + vv) * v.C + c;
-              for (int64_t q = 0; q < len; ++q) z[q] += ld<T, A>(xp[q]) * wp[q];
-            }
-          }
+          for_taps(v, i, j, [&](int u, int vv, const T* x) SAEP_LAMBDA_INLINE {
+            const T* xp = x + c;
+            const A* wp = w + (u * v.k + vv) * v.C + c;
+            for (int64_t q = 0; q < len; ++q) z[q] += ld<T, A>(xp[q]) * wp[q];
+          });
         };
         // the window's first position (2oi, 2oj) is always on the grid
         A best[L];
@@ -357,14 +365,12 @@ SAEP_INLINE void bwd_task(const BwdParams& p, const Task& t, Scratch<A>& s) {
             for (int dy = 0; dy < 2; ++dy)
               for (int dx = 0; dx < 2; ++dx) {
                 if (2 * oi + dy >= v.H || 2 * oj + dx >= v.W) continue;
-                for (int u = 0; u < k; ++u)
-                  for (int vv = 0; vv < k; ++vv) {
-                    const int64_t r = 2 * oi + dy + u - pad, col = 2 * oj + dx + vv - pad;
-                    if (!v.in_grid(r, col)) continue;
-                    const T* xp = v.px(r, col) + c;
-                    A* dst = gw + (u * k + vv) * v.C + c;
-                    for (int64_t q = 0; q < len; ++q) dst[q] += gv[q] * ld<T, A>(xp[q]);
-                  }
+                for_taps(v, 2 * oi + dy, 2 * oj + dx,
+                         [&](int u, int vv, const T* x) SAEP_LAMBDA_INLINE {
+                           const T* xp = x + c;
+                           A* dst = gw + (u * k + vv) * v.C + c;
+                           for (int64_t q = 0; q < len; ++q) dst[q] += gv[q] * ld<T, A>(xp[q]);
+                         });
               }
           });
         }
