@@ -7,6 +7,9 @@
 #
 # Set-up keeps an installed torch (never up- or downgrades a user's GPU build); with no
 # torch it installs torch==2.13.0 (a CPU build on machines that have that wheel on disk).
+# Where a C++ compiler is found the extension must build (SAEP_REQUIRE_EXTENSION=1): a broken
+# build fails the command instead of installing without the compiled backends, and the test
+# suite checks that every backend it expects here is present (tests/test_backends.py).
 
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
@@ -14,6 +17,7 @@ TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
 CMAKE_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+REQUIRE_EXTENSION := $(if $(shell command -v $${CXX:-c++} 2>/dev/null),1,0)
 
 .PHONY: setup bench test cpp-test clean
 
@@ -25,7 +29,8 @@ setup:
 		$(PIP) install --disable-pip-version-check -q "$(TORCH_SPEC)"; \
 	fi
 	$(PIP) install --disable-pip-version-check -q "setuptools>=64" wheel ninja
-	$(PIP) install --disable-pip-version-check -q --no-build-isolation -e ".[test,bench,transformers]"
+	SAEP_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) $(PIP) install --disable-pip-version-check -q \
+		--no-build-isolation -e ".[test,bench,transformers]"
 
 bench: setup
 	$(PYTHON) -m benchmarks $(ARGS)

@@ -47,7 +47,8 @@ def _extensions():
               "compiled kernels. Install torch first, then pip install --no-build-isolation .")
         return [], {}
 
-    sources = ["csrc/binding.cpp", "csrc/cpu/dwconv_pool_cpu.cpp"]
+    sources = ["csrc/binding.cpp", "csrc/cpu/fused_aggregate_fwd.cpp",
+               "csrc/cpu/fused_aggregate_bwd.cpp"]
     # no -std here: torch's BuildExtension adds the standard its own headers are written for
     # (C++17 or C++20 by torch version); the kernels compile under both
     cxx = ["-O3", "-Wno-unknown-pragmas"]
@@ -67,7 +68,7 @@ def _extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         ext = CUDAExtension(
             "saep_kernels._C",
-            sources + ["csrc/binding_cuda.cpp", "csrc/cuda/dwconv_pool_cuda.cu"],
+            sources + ["csrc/binding_cuda.cpp", "csrc/cuda/fused_aggregate_cuda.cu"],
             define_macros=[("SAEP_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=link,

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from . import projectors as P
-from .configs import CONFIGS, Config
+from saep_kernels.configs import REFERENCE_BATCHES, Config
+from saep_kernels.configs import REFERENCE_CONFIGS as CONFIGS
 from .harness import copy_bandwidth, format_table, metadata, time_interleaved, write_results
 from .llm import DEFAULT_LLM, LLMConfig, llm_forward, transformers_available
 from .op_bench import DTYPES, available_impls, bench_problem, op_bytes
@@ -36,7 +37,7 @@ QUICK = Config("quick", "tiny", 8, 8, 32, 1, 2, 128)
 
 def defaults(device: torch.device):
     if device.type == "cuda":
-        return dict(configs=list(CONFIGS), batch=[1, 8, 32], dtypes=["bf16"],
+        return dict(configs=list(CONFIGS), batch=list(REFERENCE_BATCHES), dtypes=["bf16"],
                     proj_configs=["llava15-7b", "siglip-so400m"], proj_batch=8,
                     proj_dtype="bf16", sweep_grids=[12, 16, 24, 32, 48], sweep_batch=8)
     # CPU: the op at the sizes the issue targets; projectors at batch 1 in fp32 (this CPU has

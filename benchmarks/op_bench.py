@@ -17,7 +17,7 @@ import torch
 import saep_kernels
 from saep_kernels import fused_aggregate, fused_aggregate_reference
 
-from .configs import Config
+from saep_kernels.configs import Config
 from .harness import Row, device_name, peak_memory_mb, time_interleaved, triton_version
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import projectors as P
-from .configs import Config
+from saep_kernels.configs import Config
 from .harness import Row, device_name, peak_memory_mb, time_interleaved, triton_version
 from .op_bench import DTYPES, default_compile_mode
 

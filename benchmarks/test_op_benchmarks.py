@@ -5,27 +5,21 @@ backend):
     pytest benchmarks --benchmark-only                          # llava15-7b, batch 8, bf16
     pytest benchmarks --benchmark-only --benchmark-autosave     # save the run ...
     pytest benchmarks --benchmark-only --benchmark-compare      # ... and compare with it
-    SAEP_BENCH_CONFIG=siglip-so400m SAEP_BENCH_BATCH=32 pytest benchmarks --benchmark-only
+    pytest benchmarks --benchmark-only --bench-config siglip-so400m --bench-batch 32
 
-SAEP_BENCH_QUICK=1 shrinks the problem to a smoke test (what CI runs, with
---benchmark-disable). On a GPU each call is synchronised so the timer sees the kernels.
+--bench-quick shrinks the problem to a smoke test (what CI runs, with --benchmark-disable);
+the options are in benchmarks/conftest.py. On a GPU each call is synchronised so the timer
+sees the kernels.
 """
-
-import os
 
 import pytest
 import torch
 
-from benchmarks.configs import CONFIGS, Config
 from benchmarks.op_bench import DTYPES, available_impls, make_inputs, op_function
+from saep_kernels.configs import REFERENCE_CONFIGS, Config
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if os.environ.get("SAEP_BENCH_QUICK", "0") not in ("", "0"):
-    CONFIG, BATCH, DTYPE = Config("quick", "tiny", 6, 6, 16, 1, 2, 32), 2, "fp32"
-else:
-    CONFIG = CONFIGS[os.environ.get("SAEP_BENCH_CONFIG", "llava15-7b")]
-    BATCH = int(os.environ.get("SAEP_BENCH_BATCH", "8"))
-    DTYPE = os.environ.get("SAEP_BENCH_DTYPE", "bf16")
+QUICK = Config("quick", "tiny", 6, 6, 16, 1, 2, 32)
 
 
 def _sync():
@@ -34,22 +28,32 @@ def _sync():
 
 
 @pytest.fixture(scope="module")
-def inputs():
+def problem(pytestconfig):
+    """(config, batch, dtype name) from the command-line options."""
+    if pytestconfig.getoption("--bench-quick"):
+        return QUICK, 2, "fp32"
+    return (REFERENCE_CONFIGS[pytestconfig.getoption("--bench-config")],
+            pytestconfig.getoption("--bench-batch"), pytestconfig.getoption("--bench-dtype"))
+
+
+@pytest.fixture(scope="module")
+def inputs(problem):
+    cfg, batch, dtype = problem
     torch.manual_seed(0)
-    layers, w, b = make_inputs(CONFIG, BATCH * CONFIG.crops, DTYPES[DTYPE], DEVICE,
-                               requires_grad=True)
-    gy = torch.randn(BATCH * CONFIG.crops, CONFIG.out_tokens, CONFIG.layers * CONFIG.channels,
-                     device=DEVICE, dtype=DTYPES[DTYPE])
+    layers, w, b = make_inputs(cfg, batch * cfg.crops, DTYPES[dtype], DEVICE, requires_grad=True)
+    gy = torch.randn(batch * cfg.crops, cfg.out_tokens, cfg.layers * cfg.channels,
+                     device=DEVICE, dtype=DTYPES[dtype])
     return layers, w, b, gy
 
 
 @pytest.mark.parametrize("impl", available_impls(DEVICE))
 @pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
-def test_fused_aggregate(benchmark, inputs, impl, direction):
+def test_fused_aggregate(benchmark, problem, inputs, impl, direction):
+    cfg, batch, dtype = problem
     layers, w, b, gy = inputs
-    fn = op_function(impl, CONFIG, "avg", DEVICE)
-    benchmark.group = f"{CONFIG.name} B={BATCH} {DTYPE} {direction}"
-    benchmark.extra_info.update(config=CONFIG.name, batch=BATCH, dtype=DTYPE,
+    fn = op_function(impl, cfg, "avg", DEVICE)
+    benchmark.group = f"{cfg.name} B={batch} {dtype} {direction}"
+    benchmark.extra_info.update(config=cfg.name, batch=batch, dtype=dtype,
                                 device=str(DEVICE), threads=torch.get_num_threads())
 
     if direction == "fwd":

@@ -1,20 +1,21 @@
 // saep-kernels torch binding: the compiled kernel ops, declared once, with their CPU kernels.
-// The CUDA kernels register for the same ops in binding_cuda.cpp (CUDA builds only).
+// The CUDA kernels register for the same ops in binding_cuda.cpp (CUDA builds only); both
+// are binding.h's templates over the device's launcher.
 //
-//   torch.ops.saep_C.dwconv_pool_fwd(hidden_states, weight, bias, height, width,
-//       num_prefix_tokens, residual, pool, save_argmax) -> (out, argmax)
-//   torch.ops.saep_C.dwconv_pool_bwd(grad_out, hidden_states, weight, argmax, height, width,
-//       num_prefix_tokens, residual, pool, need_input_grad, need_weight_grad,
-//       need_bias_grad) -> (grad_hidden_states, grad_weight, grad_bias)
+//   torch.ops.saep_C.fused_aggregate_fwd(hidden_states, weight, bias, out, argmax, height,
+//       width, num_prefix_tokens, residual, pool) -> ()
+//   torch.ops.saep_C.fused_aggregate_bwd(grad_out, hidden_states, weight, argmax,
+//       grad_hidden_states, height, width, num_prefix_tokens, residual, pool,
+//       need_weight_grad, need_bias_grad) -> (weight_grad_partials, bias_grad_partials)
 //
-// pool: 0 = avg, 1 = max. Gradients nobody asked for come back empty. These are the kernels
-// behind backend="cpu" / "cuda" of saep::fused_aggregate, which adds autograd, the fake
-// implementation and the argument checks users see.
+// These are the kernels behind backend="cpu" / "cuda" of saep::fused_aggregate, which adds
+// the argument checks users see, autograd, the fake implementation, the input layout and the
+// reduction of the partial sums (saep_kernels/backends/fused.py).
 #include <ATen/Parallel.h>
 #include <Python.h>
 
-#include "binding_common.h"
-#include "cpu/dwconv_pool_cpu.h"
+#include "binding.h"
+#include "cpu/fused_aggregate_cpu.h"
 
 namespace saep {
 namespace binding {
@@ -26,25 +27,15 @@ cpu::ParallelFor aten_parallel_for() {
   };
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd_cpu(const std::vector<at::Tensor>& xs,
-                                           const at::Tensor& weight,
-                                           const c10::optional<at::Tensor>& bias, int64_t height,
-                                           int64_t width, int64_t prefix, bool residual,
-                                           int64_t pool, bool save_argmax) {
-  FwdCall call = prepare_fwd(xs, weight, bias, height, width, prefix, residual, pool, save_argmax);
-  cpu::dwconv_pool_fwd(call.p, aten_parallel_for());
-  return {call.out, call.argmax};
-}
-
-std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd_cpu(
-    const at::Tensor& grad_out, const std::vector<at::Tensor>& xs, const at::Tensor& weight,
-    const at::Tensor& argmax, int64_t height, int64_t width, int64_t prefix, bool residual,
-    int64_t pool, bool need_x, bool need_w, bool need_b) {
-  BwdCall call = prepare_bwd(grad_out, xs, weight, argmax, height, width, prefix, residual,
-                             pool, need_x, need_w, need_b, cpu::bwd_num_parts);
-  cpu::dwconv_pool_bwd(call.p, aten_parallel_for());
-  return finish_bwd(call);
-}
+struct CpuKernels {
+  static void fwd(const FwdParams& p, const at::Device&) {
+    cpu::fused_aggregate_fwd(p, aten_parallel_for());
+  }
+  static void bwd(const BwdParams& p, const at::Device&) {
+    cpu::fused_aggregate_bwd(p, aten_parallel_for());
+  }
+  static int64_t bwd_rows(const Geometry& g) { return cpu::bwd_rows(g); }
+};
 
 }  // namespace
 }  // namespace binding
@@ -52,23 +43,24 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd_cpu(
 
 TORCH_LIBRARY(saep_C, m) {
   m.def(
-      "dwconv_pool_fwd(Tensor[] hidden_states, Tensor weight, Tensor? bias, int height, "
-      "int width, int num_prefix_tokens, bool residual, int pool, bool save_argmax) "
-      "-> (Tensor, Tensor)");
+      "fused_aggregate_fwd(Tensor[] hidden_states, Tensor weight, Tensor? bias, Tensor(a!) out, "
+      "Tensor(b!)? argmax, int height, int width, int num_prefix_tokens, bool residual, "
+      "str pool) -> ()");
   m.def(
-      "dwconv_pool_bwd(Tensor grad_out, Tensor[] hidden_states, Tensor weight, Tensor argmax, "
-      "int height, int width, int num_prefix_tokens, bool residual, int pool, "
-      "bool need_input_grad, bool need_weight_grad, bool need_bias_grad) "
-      "-> (Tensor[], Tensor, Tensor)");
+      "fused_aggregate_bwd(Tensor grad_out, Tensor[] hidden_states, Tensor weight, "
+      "Tensor? argmax, Tensor(a!)[] grad_hidden_states, int height, int width, "
+      "int num_prefix_tokens, bool residual, str pool, bool need_weight_grad, "
+      "bool need_bias_grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(saep_C, CPU, m) {
-  m.impl("dwconv_pool_fwd", &saep::binding::fwd_cpu);
-  m.impl("dwconv_pool_bwd", &saep::binding::bwd_cpu);
+  using Kernels = saep::binding::CpuKernels;
+  m.impl("fused_aggregate_fwd", &saep::binding::fused_aggregate_fwd<Kernels>);
+  m.impl("fused_aggregate_bwd", &saep::binding::fused_aggregate_bwd<Kernels>);
 }
 
 // `import saep_kernels._C` loads this library (running the registrations above) and tells
-// which kernels it was built with.
+// which kernels it was built with and how many layers they take.
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
                                "saep-kernels compiled kernels (registered as torch.ops.saep_C)",
@@ -81,5 +73,6 @@ extern "C" PyObject* PyInit__C(void) {
 #else
   PyModule_AddIntConstant(m, "HAS_CUDA", 0);
 #endif
+  PyModule_AddIntConstant(m, "MAX_LAYERS", saep::kMaxLayers);
   return m;
 }

@@ -1,9 +1,12 @@
-// saep-kernels torch binding: the CUDA kernels of the saep_C ops (CUDA builds only).
-#include <ATen/cuda/CUDAContext.h>
+// saep-kernels torch binding: the CUDA kernels of the saep_C ops (CUDA builds only). Only the
+// c10/cuda headers (device guard, current stream): a toolkit with nvcc and the CUDA runtime
+// builds it.
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
-#include "binding_common.h"
-#include "cuda/dwconv_pool_cuda.h"
+#include "binding.h"
+#include "cuda/fused_aggregate_cuda.h"
+#include "cuda/plan.h"
 
 namespace saep {
 namespace binding {
@@ -13,35 +16,25 @@ void check_cuda(int err) {
   TORCH_CHECK(err == 0, "saep CUDA kernel failed: ", cuda::error_string(err));
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd_cuda(const std::vector<at::Tensor>& xs,
-                                            const at::Tensor& weight,
-                                            const c10::optional<at::Tensor>& bias,
-                                            int64_t height, int64_t width, int64_t prefix,
-                                            bool residual, int64_t pool, bool save_argmax) {
-  TORCH_CHECK(!xs.empty() && xs[0].is_cuda(), "saep: CUDA kernels need CUDA tensors");
-  const c10::cuda::CUDAGuard guard(xs[0].device());
-  FwdCall call = prepare_fwd(xs, weight, bias, height, width, prefix, residual, pool, save_argmax);
-  check_cuda(cuda::dwconv_pool_fwd(call.p, at::cuda::getCurrentCUDAStream().stream()));
-  return {call.out, call.argmax};
-}
-
-std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd_cuda(
-    const at::Tensor& grad_out, const std::vector<at::Tensor>& xs, const at::Tensor& weight,
-    const at::Tensor& argmax, int64_t height, int64_t width, int64_t prefix, bool residual,
-    int64_t pool, bool need_x, bool need_w, bool need_b) {
-  TORCH_CHECK(!xs.empty() && xs[0].is_cuda(), "saep: CUDA kernels need CUDA tensors");
-  const c10::cuda::CUDAGuard guard(xs[0].device());
-  BwdCall call = prepare_bwd(grad_out, xs, weight, argmax, height, width, prefix, residual,
-                             pool, need_x, need_w, need_b, cuda::bwd_parts);
-  check_cuda(cuda::dwconv_pool_bwd(call.p, at::cuda::getCurrentCUDAStream().stream()));
-  return finish_bwd(call);
-}
+// Launches on the inputs' device and its current stream.
+struct CudaKernels {
+  static void fwd(const FwdParams& p, const at::Device& device) {
+    const c10::cuda::CUDAGuard guard(device);
+    check_cuda(cuda::fused_aggregate_fwd(p, c10::cuda::getCurrentCUDAStream().stream()));
+  }
+  static void bwd(const BwdParams& p, const at::Device& device) {
+    const c10::cuda::CUDAGuard guard(device);
+    check_cuda(cuda::fused_aggregate_bwd(p, c10::cuda::getCurrentCUDAStream().stream()));
+  }
+  static int64_t bwd_rows(const Geometry& g) { return cuda::bwd_rows(g); }
+};
 
 }  // namespace
 }  // namespace binding
 }  // namespace saep
 
 TORCH_LIBRARY_IMPL(saep_C, CUDA, m) {
-  m.impl("dwconv_pool_fwd", &saep::binding::fwd_cuda);
-  m.impl("dwconv_pool_bwd", &saep::binding::bwd_cuda);
+  using Kernels = saep::binding::CudaKernels;
+  m.impl("fused_aggregate_fwd", &saep::binding::fused_aggregate_fwd<Kernels>);
+  m.impl("fused_aggregate_bwd", &saep::binding::fused_aggregate_bwd<Kernels>);
 }

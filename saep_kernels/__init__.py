@@ -5,22 +5,24 @@
     >>> proj = saep_kernels.SAEPProjector(vision_dim=1024, num_layers=4, llm_dim=4096)
 """
 
-from ._checks import Geometry
 from .backends import BACKENDS, BackendUnavailable, available_backends
 from .modules import SAEPProjector
-from .ops import FusedAggregateFunction, fused_aggregate
+from .ops import FusedAggregateFunction, aggregate_spec, fused_aggregate
 from .reference import fused_aggregate_reference
+from .spec import AggregateSpec, num_output_tokens
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AggregateSpec",
     "BACKENDS",
     "BackendUnavailable",
     "FusedAggregateFunction",
-    "Geometry",
     "SAEPProjector",
+    "aggregate_spec",
     "available_backends",
     "fused_aggregate",
     "fused_aggregate_reference",
+    "num_output_tokens",
     "__version__",
 ]

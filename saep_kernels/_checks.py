@@ -7,44 +7,11 @@ who passes the wrong layer list or the wrong depthwise weight sees what to fix.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch
 
-POOL_MODES = ("avg", "max")
-KERNEL_SIZES = (1, 3, 5, 7)
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Resolved sizes of one ``fused_aggregate`` call."""
-
-    batch: object  # int, or a SymInt under torch.compile with a dynamic batch
-    tokens: int
-    channels: int
-    num_layers: int
-    height: int
-    width: int
-    num_prefix_tokens: int
-    kernel_size: int
-
-    @property
-    def out_height(self) -> int:
-        return (self.height + 1) // 2
-
-    @property
-    def out_width(self) -> int:
-        return (self.width + 1) // 2
-
-    @property
-    def out_tokens(self) -> int:
-        return self.out_height * self.out_width
-
-    @property
-    def out_channels(self) -> int:
-        return self.num_layers * self.channels
+from .spec import FLOAT_DTYPES, KERNEL_SIZES, POOL_MODES, AggregateSpec
 
 
 def _is_int(value) -> bool:
@@ -94,8 +61,8 @@ def check_inputs(
     num_prefix_tokens: int,
     residual: bool,
     pool: str,
-) -> Geometry:
-    """Validate the arguments of ``fused_aggregate`` and return the resolved geometry."""
+) -> AggregateSpec:
+    """Validate the arguments of ``fused_aggregate`` and return the call's spec."""
     if isinstance(hidden_states, torch.Tensor) or not isinstance(hidden_states, (list, tuple)):
         raise TypeError(
             "hidden_states must be a list or tuple of K tensors of shape [B, T, C], "
@@ -130,8 +97,6 @@ def check_inputs(
                 f"hidden_states must share one shape [B, T, C]: hidden_states[0] is "
                 f"{tuple(first.shape)}, hidden_states[{i}] is {tuple(h.shape)}"
             )
-    # the batch may be symbolic under torch.compile (dynamic batch): never specialise on it
-    batch = first.shape[0]
     tokens, channels = int(first.shape[1]), int(first.shape[2])
     num_layers = len(hidden_states)
 
@@ -187,13 +152,5 @@ def check_inputs(
             )
 
     height, width = resolve_grid(grid, tokens, num_prefix_tokens)
-    return Geometry(
-        batch=batch,
-        tokens=tokens,
-        channels=channels,
-        num_layers=num_layers,
-        height=height,
-        width=width,
-        num_prefix_tokens=num_prefix_tokens,
-        kernel_size=kernel_size,
-    )
+    return AggregateSpec.of(hidden_states, weight, height, width, num_prefix_tokens, residual,
+                            pool)

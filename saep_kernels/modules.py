@@ -7,9 +7,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ._checks import KERNEL_SIZES, POOL_MODES
 from .backends import BACKENDS
 from .ops import fused_aggregate
+from .spec import KERNEL_SIZES, POOL_MODES, num_output_tokens
 
 
 class SAEPProjector(nn.Module):
@@ -79,8 +79,7 @@ class SAEPProjector(nn.Module):
     @staticmethod
     def num_output_tokens(height: int, width: Optional[int] = None) -> int:
         """Tokens out for an H x W patch grid: ceil(H/2) * ceil(W/2)."""
-        width = height if width is None else width
-        return ((height + 1) // 2) * ((width + 1) // 2)
+        return num_output_tokens(height, height if width is None else width)
 
     def extra_repr(self) -> str:
         return (f"vision_dim={self.vision_dim}, num_layers={self.num_layers}, "

@@ -1,14 +1,16 @@
 """The public op ``fused_aggregate``: torch.library registration, autograd, backend dispatch.
 
-Two custom ops carry the fused backends through the dispatcher:
+Two custom ops carry the fused backends through the dispatcher, their schemas generated from
+the spec's argument fields (``saep_kernels.spec``):
 
 * ``saep::fused_aggregate``          -> (out, argmax)
 * ``saep::fused_aggregate_backward`` -> (grad_hidden_states, grad_weight, grad_bias)
 
 Each has a fake (meta) implementation for ``torch.compile``/export, and the forward op has
 its autograd formula registered, so ``torch.compile(fullgraph=True)`` sees one opaque node per
-direction with no graph break, and CUDA graphs capture them (no host syncs inside).
-``FusedAggregateFunction`` is the same forward/backward as a public ``torch.autograd.Function``.
+direction with no graph break. ``FusedAggregateFunction`` is the same forward/backward as a
+public ``torch.autograd.Function``. Both autograd paths save the same context and decide the
+gradients they need in ``spec.grads_needed``.
 
 ``argmax`` is the window position (0..3, uint8) of each max-pool output, saved by the forward
 when ``pool="max"`` and a gradient will be needed; the backward routes ``grad_out`` through
@@ -17,71 +19,57 @@ it. For ``pool="avg"`` it is an empty tensor. The [B, H*W, K*C] concat is never 
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import backends
 from ._checks import check_inputs
-from .reference import _reference_unchecked, compute_dtype
+from .backends.fused import forward_outputs, input_grad_buffers
+from .reference import reference_unchecked
+from .spec import (NO_GRADS, OP_ARGUMENTS, AggregateSpec, GradsNeeded, compute_dtype,
+                   grads_needed, schema_arguments)
 
-__all__ = ["fused_aggregate", "FusedAggregateFunction"]
+__all__ = ["fused_aggregate", "FusedAggregateFunction", "aggregate_spec"]
 
+_N_SPEC = len(OP_ARGUMENTS)
+_NEEDS = ", ".join(f"bool need_{name}_grad" for name in GradsNeeded._fields)
 
 # --------------------------------------------------------------------------------------------
-# the custom ops
+# the custom ops: (tensors, the spec's argument fields, backend, ...)
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("saep::fused_aggregate", mutates_args=())
-def _fused_aggregate_op(
-    hidden_states: List[Tensor],
-    weight: Tensor,
-    bias: Optional[Tensor],
-    height: int,
-    width: int,
-    num_prefix_tokens: int,
-    residual: bool,
-    pool: str,
-    backend: str,
-    save_argmax: bool,
-) -> Tuple[Tensor, Tensor]:
-    forward, _ = backends.launchers(backend)
-    return forward(hidden_states, weight, bias, height, width, num_prefix_tokens, residual, pool,
-                   save_argmax)
+def _forward_impl(hidden_states, weight, bias, *args):
+    spec_args, (backend, save_argmax) = args[:_N_SPEC], args[_N_SPEC:]
+    spec = AggregateSpec.of(hidden_states, weight, *spec_args)
+    return backends.fused_backend(backend).forward(spec, hidden_states, weight, bias,
+                                                   save_argmax)
 
 
-@_fused_aggregate_op.register_fake
-def _fused_aggregate_fake(hidden_states, weight, bias, height, width, num_prefix_tokens, residual,
-                          pool, backend, save_argmax):
-    x0 = hidden_states[0]
-    n_windows = ((height + 1) // 2) * ((width + 1) // 2)
-    out = x0.new_empty((x0.shape[0], n_windows, len(hidden_states) * x0.shape[2]))
-    argmax_shape = out.shape if (pool == "max" and save_argmax) else (0,)
-    return out, x0.new_empty(argmax_shape, dtype=torch.uint8)
+def _forward_fake(hidden_states, weight, bias, *args):
+    spec_args, (_backend, save_argmax) = args[:_N_SPEC], args[_N_SPEC:]
+    spec = AggregateSpec.of(hidden_states, weight, *spec_args)
+    return forward_outputs(spec, hidden_states[0], save_argmax)
 
 
-@torch.library.custom_op("saep::fused_aggregate_backward", mutates_args=())
-def _fused_aggregate_backward_op(
-    grad_out: Tensor,
-    hidden_states: List[Tensor],
-    weight: Tensor,
-    argmax: Tensor,
-    height: int,
-    width: int,
-    num_prefix_tokens: int,
-    residual: bool,
-    pool: str,
-    backend: str,
-    need_input_grad: bool,
-    need_weight_grad: bool,
-    need_bias_grad: bool,
-) -> Tuple[List[Tensor], Tensor, Tensor]:
-    _, backward = backends.launchers(backend)
-    grad_xs, grad_w, grad_b = backward(
-        grad_out, hidden_states, weight, argmax, height, width, num_prefix_tokens, residual, pool,
-        need_input_grad, need_weight_grad, need_bias_grad)
+_forward_op = torch.library.custom_op(
+    "saep::fused_aggregate", _forward_impl, mutates_args=(),
+    schema=(f"(Tensor[] hidden_states, Tensor weight, Tensor? bias, {schema_arguments()}, "
+            "str backend, bool save_argmax) -> (Tensor, Tensor)"))
+_forward_op.register_fake(_forward_fake)
+
+
+def _split_backward_args(hidden_states, weight, args):
+    spec = AggregateSpec.of(hidden_states, weight, *args[:_N_SPEC])
+    return spec, args[_N_SPEC], GradsNeeded(*args[_N_SPEC + 1:])
+
+
+def _backward_impl(grad_out, hidden_states, weight, argmax, *args):
+    spec, backend, needs = _split_backward_args(hidden_states, weight, args)
+    grad_xs, grad_w, grad_b = backends.fused_backend(backend).backward(
+        spec, needs, grad_out, hidden_states, weight, argmax)
     # A custom op returns tensors, never None: a gradient nobody asked for is an empty tensor.
     empty = weight.new_empty((0,), dtype=compute_dtype(hidden_states[0].dtype))
     return (list(grad_xs),
@@ -89,96 +77,104 @@ def _fused_aggregate_backward_op(
             grad_b if grad_b is not None else empty.clone())
 
 
-@_fused_aggregate_backward_op.register_fake
-def _fused_aggregate_backward_fake(grad_out, hidden_states, weight, argmax, height, width,
-                                   num_prefix_tokens, residual, pool, backend, need_input_grad,
-                                   need_weight_grad, need_bias_grad):
+def _backward_fake(grad_out, hidden_states, weight, argmax, *args):
+    spec, _backend, needs = _split_backward_args(hidden_states, weight, args)
     acc = compute_dtype(hidden_states[0].dtype)
-    grad_xs = [h.new_empty(h.shape) for h in hidden_states] if need_input_grad else []
-    grad_w = weight.new_empty(weight.shape if need_weight_grad else (0,), dtype=acc)
-    grad_b = weight.new_empty((weight.shape[0],) if need_bias_grad else (0,), dtype=acc)
+    grad_xs = input_grad_buffers(spec, hidden_states[0]) if needs.input else []
+    grad_w = weight.new_empty(weight.shape if needs.weight else (0,), dtype=acc)
+    grad_b = weight.new_empty((spec.out_channels,) if needs.bias else (0,), dtype=acc)
     return grad_xs, grad_w, grad_b
 
+
+_backward_op = torch.library.custom_op(
+    "saep::fused_aggregate_backward", _backward_impl, mutates_args=(),
+    schema=(f"(Tensor grad_out, Tensor[] hidden_states, Tensor weight, Tensor argmax, "
+            f"{schema_arguments()}, str backend, {_NEEDS}) -> (Tensor[], Tensor, Tensor)"))
+_backward_op.register_fake(_backward_fake)
 
 # --------------------------------------------------------------------------------------------
 # forward / backward shared by the registered autograd and FusedAggregateFunction
 # --------------------------------------------------------------------------------------------
 
 
-def _backward(grad_out: Tensor, hidden_states: Sequence[Tensor], weight: Tensor,
-              argmax: Tensor, has_bias: bool, bias_dtype, height: int, width: int,
-              num_prefix_tokens: int, residual: bool, pool: str, backend: str,
-              need_input_grad: bool, need_weight_grad: bool, need_bias_grad: bool):
-    """Gradients (grad_xs or None, grad_weight or None, grad_bias or None)."""
-    need_bias_grad = need_bias_grad and has_bias
-    if not (need_input_grad or need_weight_grad or need_bias_grad):
-        return None, None, None
-    grad_xs, grad_w, grad_b = torch.ops.saep.fused_aggregate_backward(
-        grad_out, list(hidden_states), weight, argmax, height, width, num_prefix_tokens,
-        residual, pool, backend, need_input_grad, need_weight_grad, need_bias_grad)
-    return (grad_xs if need_input_grad else None,
-            grad_w.to(weight.dtype) if need_weight_grad else None,
-            grad_b.to(bias_dtype) if need_bias_grad else None)
+def _forward(spec: AggregateSpec, backend: str, hidden_states: Sequence[Tensor], weight: Tensor,
+             bias: Optional[Tensor], needs: GradsNeeded):
+    """(out, argmax) through the forward op; the argmax is kept only for a max-pool backward."""
+    return torch.ops.saep.fused_aggregate(list(hidden_states), weight, bias, *spec.op_args(),
+                                          backend, spec.pool == "max" and needs.any())
 
 
-def _setup_context(ctx, inputs, output):
-    (hidden_states, weight, bias, height, width, num_prefix_tokens, residual, pool, backend,
-     _save_argmax) = inputs
-    _, argmax = output
+def _save_context(ctx, spec: AggregateSpec, backend: str, hidden_states, weight: Tensor,
+                  bias: Optional[Tensor], argmax: Tensor) -> None:
     ctx.save_for_backward(weight, argmax, *hidden_states)
-    ctx.config = (bias is not None, None if bias is None else bias.dtype, height, width,
-                  num_prefix_tokens, residual, pool, backend)
+    ctx.spec, ctx.backend = spec, backend
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad_out: Tensor, needs: GradsNeeded):
+    """([grad or None per hidden state], grad_weight or None, grad_bias or None) for what
+    ``needs`` asks."""
+    weight, argmax, *hidden_states = ctx.saved_tensors
+    if not needs.any():
+        return [None] * len(hidden_states), None, None
+    grad_xs, grad_w, grad_b = torch.ops.saep.fused_aggregate_backward(
+        grad_out, hidden_states, weight, argmax, *ctx.spec.op_args(), ctx.backend, *needs)
+    return (grad_xs if needs.input else [None] * len(hidden_states),
+            grad_w.to(weight.dtype) if needs.weight else None,
+            grad_b.to(ctx.bias_dtype) if needs.bias else None)
+
+
+def _op_setup_context(ctx, inputs, output):
+    hidden_states, weight, bias, *args = inputs
+    spec = AggregateSpec.of(hidden_states, weight, *args[:_N_SPEC])
+    _save_context(ctx, spec, args[_N_SPEC], hidden_states, weight, bias, output[1])
 
 
 def _op_backward(ctx, grad_out, _grad_argmax):
-    weight, argmax, *hidden_states = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], \
-        ctx.needs_input_grad[2]
-    grad_xs, grad_w, grad_b = _backward(grad_out, hidden_states, weight, argmax, *ctx.config,
-                                        need_input_grad=bool(need_x), need_weight_grad=need_w,
-                                        need_bias_grad=need_b)
-    return grad_xs, grad_w, grad_b, None, None, None, None, None, None, None
+    hidden_states, weight, bias = ctx.needs_input_grad[:3]  # hidden_states: a flag per layer
+    grad_xs, grad_w, grad_b = _backward(ctx, grad_out, grads_needed(hidden_states, weight, bias))
+    return (grad_xs, grad_w, grad_b) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 torch.library.register_autograd("saep::fused_aggregate", _op_backward,
-                                setup_context=_setup_context)
+                                setup_context=_op_setup_context)
 
 
 class FusedAggregateFunction(torch.autograd.Function):
     """``fused_aggregate`` of a fused backend as a ``torch.autograd.Function``.
 
-    ``FusedAggregateFunction.apply(weight, bias, height, width, num_prefix_tokens, residual,
-    pool, backend, *hidden_states)`` with a concrete backend name (``"triton"``, ``"cpu"``,
-    ``"cuda"``); arguments are not checked here, use ``fused_aggregate`` for that. Forward and
-    backward are the registered ``saep::`` ops, as in ``fused_aggregate``.
+    ``FusedAggregateFunction.apply(spec, backend, weight, bias, *hidden_states)`` with the
+    ``spec`` of ``aggregate_spec`` (which checks the arguments) and a concrete backend name
+    (``"triton"``, ``"cpu"``, ``"cuda"``). Forward and backward are the registered ``saep::``
+    ops, as in ``fused_aggregate``.
     """
 
     @staticmethod
-    def forward(ctx, weight, bias, height, width, num_prefix_tokens, residual, pool, backend,
-                *hidden_states):
-        out, argmax = torch.ops.saep.fused_aggregate(
-            list(hidden_states), weight, bias, height, width, num_prefix_tokens, residual, pool,
-            backend, pool == "max")
-        ctx.save_for_backward(weight, argmax, *hidden_states)
-        ctx.config = (bias is not None, None if bias is None else bias.dtype, height, width,
-                      num_prefix_tokens, residual, pool, backend)
-        ctx.mark_non_differentiable(argmax)
+    def forward(ctx, spec, backend, weight, bias, *hidden_states):
+        need = ctx.needs_input_grad
+        out, argmax = _forward(spec, backend, hidden_states, weight, bias,
+                               grads_needed(need[4:], need[2], need[3]))
+        _save_context(ctx, spec, backend, hidden_states, weight, bias, argmax)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, argmax, *hidden_states = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grad_xs, grad_w, grad_b = _backward(grad_out, hidden_states, weight, argmax, *ctx.config,
-                                            need_input_grad=any(need[8:]),
-                                            need_weight_grad=need[0], need_bias_grad=need[1])
-        grad_xs = grad_xs if grad_xs is not None else [None] * len(hidden_states)
-        return (grad_w, grad_b, None, None, None, None, None, None, *grad_xs)
+        grad_xs, grad_w, grad_b = _backward(ctx, grad_out, grads_needed(need[4:], need[2], need[3]))
+        return (None, None, grad_w, grad_b, *grad_xs)
 
 
 # --------------------------------------------------------------------------------------------
-# the public function
+# the public functions
 # --------------------------------------------------------------------------------------------
+
+
+def aggregate_spec(hidden_states: Sequence[Tensor], weight: Tensor, bias: Optional[Tensor] = None,
+                   *, grid=None, num_prefix_tokens: int = 0, residual: bool = True,
+                   pool: str = "avg") -> AggregateSpec:
+    """Check the arguments of ``fused_aggregate`` (same names and rules) and return the call's
+    ``AggregateSpec``; raises ``ValueError``/``TypeError`` naming a bad argument."""
+    return check_inputs(hidden_states, weight, bias, grid, num_prefix_tokens, residual, pool)
 
 
 def fused_aggregate(
@@ -208,15 +204,13 @@ def fused_aggregate(
     Returns:
         [B, ceil(H/2)*ceil(W/2), K*C] in the dtype of ``hidden_states``.
     """
-    geo = check_inputs(hidden_states, weight, bias, grid, num_prefix_tokens, residual, pool)
-    name = backends.resolve_backend(backend, hidden_states[0].device, geo.num_layers)
+    spec = check_inputs(hidden_states, weight, bias, grid, num_prefix_tokens, residual, pool)
+    name = backends.resolve_backend(backend, hidden_states[0].device, spec)
     if name == "reference":
-        return _reference_unchecked(hidden_states, weight, bias, geo.height, geo.width,
-                                    num_prefix_tokens, residual, pool)
-    hidden_states = list(hidden_states)
-    save_argmax = pool == "max" and torch.is_grad_enabled() and (
-        weight.requires_grad or (bias is not None and bias.requires_grad)
-        or any(h.requires_grad for h in hidden_states))
-    out, _ = torch.ops.saep.fused_aggregate(hidden_states, weight, bias, geo.height, geo.width,
-                                            num_prefix_tokens, residual, pool, name, save_argmax)
+        return reference_unchecked(spec, hidden_states, weight, bias)
+    needs = NO_GRADS
+    if torch.is_grad_enabled():
+        needs = grads_needed([h.requires_grad for h in hidden_states], weight.requires_grad,
+                             bias is not None and bias.requires_grad)
+    out, _ = _forward(spec, name, hidden_states, weight, bias, needs)
     return out

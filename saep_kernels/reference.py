@@ -14,11 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_inputs
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype arithmetic runs in: fp32 for fp16/bf16/fp32, fp64 for fp64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .spec import AggregateSpec, compute_dtype
 
 
 def fused_aggregate_reference(
@@ -35,30 +31,29 @@ def fused_aggregate_reference(
 
     Returns ``[B, Ho*Wo, K*C]`` in the dtype of ``hidden_states``.
     """
-    geo = check_inputs(hidden_states, weight, bias, grid, num_prefix_tokens, residual, pool)
-    return _reference_unchecked(hidden_states, weight, bias, geo.height, geo.width,
-                                num_prefix_tokens, residual, pool)
+    spec = check_inputs(hidden_states, weight, bias, grid, num_prefix_tokens, residual, pool)
+    return reference_unchecked(spec, hidden_states, weight, bias)
 
 
-def _reference_unchecked(hidden_states, weight, bias, height, width, num_prefix_tokens,
-                         residual, pool):
+def reference_unchecked(spec: AggregateSpec, hidden_states: Sequence[torch.Tensor],
+                        weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The reference for arguments already checked into ``spec``."""
     dtype = hidden_states[0].dtype
     cdtype = compute_dtype(dtype)
-    batch = hidden_states[0].shape[0]
-    x = torch.cat([h[:, num_prefix_tokens:, :] for h in hidden_states], dim=-1).to(cdtype)
+    prefix = spec.num_prefix_tokens
+    x = torch.cat([h[:, prefix:, :] for h in hidden_states], dim=-1).to(cdtype)
     channels = x.shape[-1]
-    x = x.transpose(1, 2).reshape(batch, channels, height, width)
-    kernel_size = weight.shape[-1]
+    x = x.transpose(1, 2).reshape(spec.batch, channels, spec.height, spec.width)
     z = F.conv2d(
         x,
         weight.to(cdtype),
         None if bias is None else bias.to(cdtype),
-        padding=kernel_size // 2,
+        padding=spec.kernel_size // 2,
         groups=channels,
     )
-    if residual:
+    if spec.residual:
         z = z + x
-    if pool == "avg":
+    if spec.pool == "avg":
         y = F.avg_pool2d(z, kernel_size=2, stride=2, ceil_mode=True)
     else:
         y = F.max_pool2d(z, kernel_size=2, stride=2, ceil_mode=True)

@@ -46,11 +46,11 @@ for step in "$@"; do
       ;;
     ncu)
       stage ncu
-      ncu --clock-control none -k regex:dwconv_pool -c 8 \
+      ncu --clock-control none -k regex:fused_aggregate -c 8 \
         --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,dram__bytes.sum,launch__registers_per_thread,launch__occupancy_limit_registers \
         $PY scripts/gpu_check.py --profile > "$OUT/ncu.txt" 2>&1
       echo "ncu: exit $?" | tee -a "$LOG"
-      grep -E "dwconv_pool|duration|throughput|warps_active|registers" "$OUT/ncu.txt" | head -60 | tee -a "$LOG"
+      grep -E "fused_aggregate|duration|throughput|warps_active|registers" "$OUT/ncu.txt" | head -60 | tee -a "$LOG"
       ;;
     bench)
       stage bench

@@ -20,6 +20,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from saep_kernels.configs import REFERENCE_CONFIGS
+
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
            torch.float64: "fp64", torch.uint8: "u8"}
 
@@ -61,9 +63,9 @@ def compile_kernel(jit_fn, args, consts, arch: int, num_warps: int = 4):
                           options={"num_warps": num_warps})
 
 
-# llava15-7b: CLIP-L/14-336 (24x24 + CLS), C=1024, K=4, batch 32
-B, H, W, C, K, P = 32, 24, 24, 1024, 4, 1
-T, NW = P + H * W, 144
+# llava15-7b (docs/op.md section 3), batch 32
+CFG = REFERENCE_CONFIGS["llava15-7b"]
+B = 32
 
 CONFIGS = {
     "sm90-fwd-bf16-avg": (90, "fwd", torch.bfloat16, "avg"),
@@ -76,35 +78,37 @@ CONFIGS = {
 
 
 def _launch(direction, dtype, pool, ksize=3):
-    from saep_kernels.triton_kernels import dwconv_pool as dp
+    from saep_kernels.spec import AggregateSpec
+    from saep_kernels.triton_kernels import fused_aggregate_bwd as bwd
+    from saep_kernels.triton_kernels import fused_aggregate_fwd as fwd
+    from saep_kernels.triton_kernels.shared import launch_config
 
-    cfg = dp.launch_config(NW, C, interpret=False)
-    xs = [torch.empty(B, T, C, dtype=dtype) for _ in range(K)]
-    w = torch.empty(K * C, 1, ksize, ksize, dtype=dtype)
+    spec = AggregateSpec(CFG.height, CFG.width, CFG.prefix, True, pool, B, CFG.tokens,
+                         CFG.channels, CFG.layers, ksize)
+    kc = spec.out_channels
+    cfg = launch_config(spec.out_tokens, spec.channels, interpret=False)
+    xs = [torch.empty(B, spec.tokens, spec.channels, dtype=dtype) for _ in range(CFG.layers)]
+    w = torch.empty(spec.taps, kc)  # tap-major, compute dtype
+    out = torch.empty(spec.out_shape, dtype=dtype)
+    am = torch.empty(spec.out_shape, dtype=torch.uint8) if pool == "max" else None
     if direction == "fwd":
-        out = torch.empty(B, NW, K * C, dtype=dtype)
-        am = torch.empty(B, NW, K * C, dtype=torch.uint8)
-        b = torch.empty(K * C, dtype=dtype)
-        _, args, consts = dp.fwd_launch(xs, w, b, out, am, H, W, P, True, pool, pool == "max",
-                                        cfg)
-        return dp._dwconv_pool_fwd_kernel, args, consts, cfg
-    gy = torch.empty(B, NW, K * C, dtype=dtype)
-    am = torch.empty(B, NW, K * C, dtype=torch.uint8)
-    parts = B * triton.cdiv(NW, cfg.block_p)
-    gxs = [torch.empty(B, T, C, dtype=dtype) for _ in range(K)]
-    gw = torch.empty(parts, ksize * ksize, K * C)
-    gb = torch.empty(parts, K * C)
-    _, args, consts = dp.bwd_launch(gy, xs, w, am, gxs, gw, gb, H, W, P, True, pool, cfg)
-    return dp._dwconv_pool_bwd_kernel, args, consts, cfg
+        _, args, consts = fwd.fwd_launch(spec, xs, w, torch.empty(kc), out, am, cfg)
+        return fwd.fused_aggregate_fwd_kernel, args, consts, cfg
+    rows = bwd.partial_rows(spec, cfg)
+    gxs = [torch.empty_like(x) for x in xs]
+    gw = torch.empty(rows, spec.taps, kc)
+    gb = torch.empty(rows, kc)
+    _, args, consts = bwd.bwd_launch(spec, out, xs, w, am, gxs, gw, gb, cfg)
+    return bwd.fused_aggregate_bwd_kernel, args, consts, cfg
 
 
 def autotune_configs():
     """Compile every forward autotune config (bf16, sm_90): name -> stats or error."""
-    from saep_kernels.triton_kernels import dwconv_pool as dp
+    from saep_kernels.triton_kernels.fused_aggregate_fwd import FWD_AUTOTUNE_CONFIGS
 
     results = {}
     kernel, args, consts, _ = _launch("fwd", torch.bfloat16, "avg")
-    for cfg in dp.FWD_AUTOTUNE_CONFIGS:
+    for cfg in FWD_AUTOTUNE_CONFIGS:
         name = "autotune-" + "-".join(f"{k}{v}" for k, v in cfg.kwargs.items()) + \
             f"-w{cfg.num_warps}"
         try:

@@ -44,10 +44,8 @@ def test_main_job_quick(tmp_path):
 
 def test_pytest_benchmark_file(tmp_path):
     pytest.importorskip("pytest_benchmark")
-    env = _env()
-    env["SAEP_BENCH_QUICK"] = "1"
     proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q",
-                           "--benchmark-disable", "-p", "no:cacheprovider"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1000)
+                           "--benchmark-disable", "--bench-quick", "-p", "no:cacheprovider"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1000)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout

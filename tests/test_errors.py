@@ -5,7 +5,7 @@ import torch
 
 import saep_kernels
 from saep_kernels import BackendUnavailable, SAEPProjector, fused_aggregate
-from saep_kernels import backends as backends_mod
+from saep_kernels.backends import extension, triton
 from helpers import make_layers, make_params
 
 
@@ -129,34 +129,34 @@ def test_unavailable_backend_says_why(good):
 
 def test_triton_on_cpu_without_interpreter_says_why(good, monkeypatch):
     layers, w, b = good
-    module, _ = backends_mod._import_triton_kernels()
-    if module is None:
+    modules, _ = triton._import_triton_kernels()
+    if modules is None:
         pytest.skip("triton not installed")
-    monkeypatch.setattr(module, "interpreting", lambda: False)
+    _, _, shared = modules
+    monkeypatch.setattr(shared, "interpreting", lambda: False)
     with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET=1"):
         call(layers, w, b, backend="triton")
 
 
 def test_too_many_layers_for_the_compiled_kernels():
-    import saep_kernels
-
-    layers = make_layers(1, 2, 2, 2, 17)
-    w, _ = make_params(17, 2, 1)
-    if "cpu" in saep_kernels.available_backends("cpu"):
-        with pytest.raises(BackendUnavailable, match="at most 16 layers, got 17"):
-            fused_aggregate(layers, w, backend="cpu")
+    if extension.EXTENSION is None:
+        pytest.skip("the C++ extension is not built")
+    n = extension.EXTENSION.MAX_LAYERS + 1
+    layers = make_layers(1, 2, 2, 2, n)
+    w, _ = make_params(n, 2, 1)
+    with pytest.raises(BackendUnavailable, match=f"at most {n - 1} layers, got {n}"):
+        fused_aggregate(layers, w, backend="cpu")
     # "auto" steps over the compiled kernels
-    assert fused_aggregate(layers, w).shape == (1, 1, 34)
+    assert fused_aggregate(layers, w).shape == (1, 1, 2 * n)
 
 
 def test_missing_extension_says_why(good, monkeypatch):
     layers, w, b = good
-    monkeypatch.setattr(backends_mod, "_import_extension",
-                        lambda: (None, "the C++ extension saep_kernels._C is not built (test)"))
+    monkeypatch.setattr(extension, "EXTENSION", None)
+    monkeypatch.setattr(extension, "MISSING_REASON",
+                        "the C++ extension saep_kernels._C is not built (test)")
     with pytest.raises(BackendUnavailable, match=r"backend='cpu' is unavailable: the C\+\+ extension"):
         call(layers, w, b, backend="cpu")
-    # and "auto" quietly falls back to the reference
-    assert backends_mod.resolve_backend("auto", torch.device("cpu")) == "reference"
 
 
 @pytest.mark.parametrize("value,exc,pattern", [

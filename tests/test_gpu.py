@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from saep_kernels import SAEPProjector
+from saep_kernels.configs import REFERENCE_CONFIGS
 from conftest import HAS_CUDA, fused_targets
 from helpers import assert_grad_close, check_forward_and_grads, make_layers, make_params
 
@@ -13,27 +14,20 @@ pytestmark = [pytest.mark.gpu,
 
 GPU_BACKENDS = [name for name, device in fused_targets() if device == "cuda"] or ["triton"]
 
-# docs/op.md section 3 (batch kept small: the point is the geometry and the channel width)
-CONFIGS = {
-    "llava15-7b": dict(height=24, width=24, channels=1024, prefix=1, layers=4, batch=2),
-    "siglip-so400m": dict(height=27, width=27, channels=1152, prefix=0, layers=4, batch=2),
-    "anyres-5crop": dict(height=24, width=24, channels=1024, prefix=1, layers=4, batch=5),
-}
-
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("config", list(REFERENCE_CONFIGS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("pool", ["avg", "max"])
 def test_reference_configs(backend, config, dtype, pool):
-    cfg = CONFIGS[config]
-    layers = make_layers(cfg["batch"], cfg["height"], cfg["width"], cfg["channels"],
-                         cfg["layers"], prefix=cfg["prefix"], dtype=dtype, device="cuda",
-                         requires_grad=True)
-    w, b = make_params(cfg["layers"], cfg["channels"], 3, dtype=dtype, device="cuda",
+    # the geometry and channel width of the configuration, two images (crops) a batch
+    cfg = REFERENCE_CONFIGS[config]
+    layers = make_layers(2 * cfg.crops, cfg.height, cfg.width, cfg.channels, cfg.layers,
+                         prefix=cfg.prefix, dtype=dtype, device="cuda", requires_grad=True)
+    w, b = make_params(cfg.layers, cfg.channels, 3, dtype=dtype, device="cuda",
                        requires_grad=True)
     check_forward_and_grads(backend, layers, w, b,
-                            dict(num_prefix_tokens=cfg["prefix"], pool=pool), config)
+                            dict(num_prefix_tokens=cfg.prefix, pool=pool), config)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

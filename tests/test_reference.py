@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from saep_kernels import fused_aggregate, fused_aggregate_reference
+from saep_kernels.spec import pooled_size
 from helpers import make_layers, make_params
 
 
@@ -19,7 +20,7 @@ def naive_aggregate(hidden_states, weight, bias, height, width, prefix, residual
     p = k // 2
     w = weight.double().reshape(kc, k, k)
     b = bias.double() if bias is not None else torch.zeros(kc, dtype=torch.float64)
-    oh, ow = (height + 1) // 2, (width + 1) // 2
+    oh, ow = pooled_size(height, width)
     out = torch.empty(batch, oh * ow, kc, dtype=torch.float64)
 
     def z_at(i, j):

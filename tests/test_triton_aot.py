@@ -29,9 +29,9 @@ def compiled():
 
 def test_forward_autotune_configs_compile(compiled):
     tuned = {k: v for k, v in compiled.items() if k.startswith("autotune-")}
-    from saep_kernels.triton_kernels import dwconv_pool as dp
+    from saep_kernels.triton_kernels.fused_aggregate_fwd import FWD_AUTOTUNE_CONFIGS
 
-    assert len(tuned) == len(dp.FWD_AUTOTUNE_CONFIGS)
+    assert len(tuned) == len(FWD_AUTOTUNE_CONFIGS)
     for name, stats in tuned.items():
         assert "error" not in stats, (name, stats.get("error"))
         assert stats["ld_global_v4"] > 0, name

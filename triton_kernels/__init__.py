@@ -1,5 +1,3 @@
-"""Triton kernels of saep-kernels (installed as ``saep_kernels.triton_kernels``)."""
-
-from .dwconv_pool import dwconv_pool_bwd, dwconv_pool_fwd, interpreting
-
-__all__ = ["dwconv_pool_fwd", "dwconv_pool_bwd", "interpreting"]
+"""Triton kernels of saep-kernels (installed as ``saep_kernels.triton_kernels``): one module
+per direction, ``fused_aggregate_fwd`` and ``fused_aggregate_bwd`` (each a kernel and its
+launcher of the same name), and what they share in ``shared``."""

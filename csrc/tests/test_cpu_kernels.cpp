@@ -2,7 +2,7 @@
 #include <thread>
 #include <vector>
 
-#include "../cpu/dwconv_pool_cpu.h"
+#include "../cpu/fused_aggregate_cpu.h"
 #include "kernel_check.h"
 
 namespace {
@@ -26,9 +26,9 @@ int main() {
     auto pf = threads == 1 ? saep::cpu::serial_for() : threaded_for(threads);
     saep::test::Backend be{
         "cpu kernels (" + std::to_string(threads) + " thread" + (threads > 1 ? "s)" : ")"),
-        [pf](const saep::FwdParams& p) { saep::cpu::dwconv_pool_fwd(p, pf); },
-        [](const saep::Geometry& g) { return saep::cpu::bwd_num_parts(g); },
-        [pf](const saep::BwdParams& p) { saep::cpu::dwconv_pool_bwd(p, pf); }};
+        [pf](const saep::FwdParams& p) { saep::cpu::fused_aggregate_fwd(p, pf); },
+        [](const saep::Geometry& g) { return saep::cpu::bwd_rows(g); },
+        [pf](const saep::BwdParams& p) { saep::cpu::fused_aggregate_bwd(p, pf); }};
     rc |= saep::test::run_all(be);
   }
   return rc;

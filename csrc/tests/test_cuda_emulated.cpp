@@ -1,8 +1,8 @@
-// The CUDA kernels (csrc/cuda/dwconv_pool_kernels.cuh), compiled as C++ and run under the
+// The CUDA kernels (csrc/cuda/fused_aggregate_{fwd,bwd}.cuh), compiled as C++ and run under the
 // CPU emulation of the CUDA execution model, against the naive loops.
 #include "cuda_emulation.h"
 // (the emulation must come first: it defines the CUDA names the kernels use)
-#include "../cuda/dwconv_pool_kernels.cuh"
+#include "../cuda/dispatch.cuh"
 #include "kernel_check.h"
 
 namespace {
@@ -35,7 +35,7 @@ int main() {
       [](const FwdParams& p) {
         if (cuda::dispatch(p, cuda::fwd_vector_ok(p), EmulatedLaunch{}) != 0) std::abort();
       },
-      [](const Geometry& g) { return cuda::bwd_num_parts(g); },
+      [](const Geometry& g) { return cuda::bwd_rows(g); },
       [](const BwdParams& p) {
         if (cuda::dispatch(p, cuda::bwd_vector_ok(p), EmulatedLaunch{}) != 0) std::abort();
       }};

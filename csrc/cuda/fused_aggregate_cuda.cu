@@ -1,6 +1,6 @@
-// saep-kernels CUDA launchers: pick the kernel instance, launch on the caller's stream.
-#include "dwconv_pool_cuda.h"
-#include "dwconv_pool_kernels.cuh"
+// saep-kernels CUDA kernels: pick the kernel instance, launch on the caller's stream.
+#include "dispatch.cuh"
+#include "fused_aggregate_cuda.h"
 
 namespace saep {
 namespace cuda {
@@ -27,15 +27,13 @@ struct Launcher {
 
 }  // namespace
 
-int dwconv_pool_fwd(const FwdParams& p, CUstream_st* stream) {
+int fused_aggregate_fwd(const FwdParams& p, CUstream_st* stream) {
   return dispatch(p, fwd_vector_ok(p), Launcher{stream});
 }
 
-int dwconv_pool_bwd(const BwdParams& p, CUstream_st* stream) {
+int fused_aggregate_bwd(const BwdParams& p, CUstream_st* stream) {
   return dispatch(p, bwd_vector_ok(p), Launcher{stream});
 }
-
-int64_t bwd_parts(const Geometry& g) { return bwd_num_parts(g); }
 
 const char* error_string(int err) {
   return err < 0 ? "unsupported kernel configuration" : cudaGetErrorString(cudaError_t(err));

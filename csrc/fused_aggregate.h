@@ -20,11 +20,15 @@
 
 namespace saep {
 
-constexpr int kMaxLayers = 16;
-constexpr int kMaxKernel = 7;  // ksize is 1, 3, 5 or 7
+constexpr int kMaxLayers = 16;  // the layer table below; exported to Python as _C.MAX_LAYERS
+constexpr int kMaxKernel = 7;   // ksize is 1, 3, 5 or 7
 
 enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
 enum class Pool : int32_t { Avg = 0, Max = 1 };
+
+// Bytes of an element of the inputs, and of the compute type (float; double for F64).
+SAEP_HD int64_t dtype_size(DType d) { return d == DType::F64 ? 8 : d == DType::F32 ? 4 : 2; }
+SAEP_HD int64_t compute_size(DType d) { return d == DType::F64 ? 8 : 4; }
 
 struct Geometry {
   int64_t batch;
@@ -38,9 +42,11 @@ struct Geometry {
   Pool pool;
   DType dtype;
 
+  // 2x2 windows, stride 2, ceil mode
   SAEP_HD int64_t out_height() const { return (height + 1) / 2; }
   SAEP_HD int64_t out_width() const { return (width + 1) / 2; }
   SAEP_HD int64_t windows() const { return out_height() * out_width(); }
+  SAEP_HD int64_t tokens() const { return prefix + height * width; }
   SAEP_HD int64_t kc() const { return num_layers * channels; }
   SAEP_HD int32_t pad() const { return ksize / 2; }
 };
@@ -69,18 +75,23 @@ struct BwdParams {
   const uint8_t* argmax;    // saved by the forward (max pool), else nullptr
   const void* weight;       // [k*k, K*C] compute type
   void* grad_x[kMaxLayers];  // contiguous [B, T, C] input dtype, or all nullptr; the
-                             // binding zeroes the prefix rows, the kernels write the grid
-  void* grad_w_part;        // [num_parts, k*k, K*C] compute type, or nullptr
-  void* grad_b_part;        // [num_parts, K*C] compute type, or nullptr
+                             // caller zeroes the prefix rows, the kernels write the grid
+  void* grad_w_part;        // [rows, k*k, K*C] compute type, or nullptr
+  void* grad_b_part;        // [rows, K*C] compute type, or nullptr
 };
 
 // Position (dy, dx) of a 2x2 window as stored in `argmax`.
 SAEP_HD int32_t window_code(int32_t dy, int32_t dx) { return dy * 2 + dx; }
 
-// Number of in-grid positions of window (oi, oj): 4, or 2/1 for the partial windows of odd
-// grids (ceil mode).
-SAEP_HD int32_t window_count(const Geometry& g, int64_t oi, int64_t oj) {
-  return (2 * oi + 1 < g.height ? 2 : 1) * (2 * oj + 1 < g.width ? 2 : 1);
+// The in-grid part of window (oi, oj): 2 x 2 positions, or a single row / column for the last
+// row / column of windows of an odd grid (ceil mode).
+struct WindowExtent {
+  int32_t rows, cols;  // 1 or 2 each
+  SAEP_HD int32_t count() const { return rows * cols; }
+};
+
+SAEP_HD WindowExtent window_extent(const Geometry& g, int64_t oi, int64_t oj) {
+  return WindowExtent{2 * oi + 1 < g.height ? 2 : 1, 2 * oj + 1 < g.width ? 2 : 1};
 }
 
 }  // namespace saep

@@ -1,0 +1,180 @@
+// saep-kernels torch binding: the saep_C ops' kernels for any device, written once.
+//
+// The ops (schemas in binding.cpp) take what the Python side of the fused backends hands every
+// backend's kernels (saep_kernels/backends/fused.py): layers with channel stride 1, the
+// weight as [k*k, K*C] and the bias in the compute type, outputs it allocated. They are public
+// (torch.ops.saep_C.*), so everything a kernel relies on is checked here again, with an error
+// instead of a crash: shapes, dtypes, devices, strides, the layer count. `Kernels` is the
+// device's launcher (CpuKernels in binding.cpp, CudaKernels in binding_cuda.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "fused_aggregate.h"
+
+namespace saep {
+namespace binding {
+
+inline DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::F32;
+    case at::kDouble: return DType::F64;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    default: TORCH_CHECK(false, "saep: hidden_states must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+  }
+  return DType::F32;
+}
+
+inline at::ScalarType compute_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The kernels read the channels of a token as one contiguous run.
+inline bool channel_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 || t.size(-1) == 1; }
+
+// `t` has the given sizes, dtype and device (and, when asked, is contiguous).
+inline void check_tensor(const at::Tensor& t, const char* name, at::IntArrayRef sizes,
+                         at::ScalarType dtype, const at::Device& device, bool contiguous) {
+  TORCH_CHECK(t.sizes() == sizes, "saep: ", name, " must be ", sizes, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "saep: ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == device, "saep: ", name, " must be on ", device, ", got ", t.device());
+  TORCH_CHECK(!contiguous || t.is_contiguous(), "saep: ", name, " must be contiguous");
+}
+
+// The geometry of the layers and the op's arguments, checked; the tap weights checked too.
+inline Geometry geometry(const std::vector<at::Tensor>& xs, const at::Tensor& weight,
+                         int64_t height, int64_t width, int64_t prefix, bool residual,
+                         c10::string_view pool) {
+  TORCH_CHECK(!xs.empty(), "saep: hidden_states must hold at least one tensor");
+  TORCH_CHECK(int64_t(xs.size()) <= kMaxLayers, "saep: the compiled kernels take at most ",
+              kMaxLayers, " layers, got ", xs.size());
+  const at::Tensor& x0 = xs[0];
+  TORCH_CHECK(x0.dim() == 3, "saep: hidden_states[0] must be [B, T, C], got ", x0.sizes());
+  for (size_t i = 0; i < xs.size(); ++i) {
+    TORCH_CHECK(xs[i].sizes() == x0.sizes(), "saep: hidden_states[", i, "] has shape ",
+                xs[i].sizes(), ", hidden_states[0] has ", x0.sizes());
+    TORCH_CHECK(xs[i].scalar_type() == x0.scalar_type(), "saep: hidden_states[", i, "] is ",
+                xs[i].scalar_type(), ", hidden_states[0] is ", x0.scalar_type());
+    TORCH_CHECK(xs[i].device() == x0.device(), "saep: hidden_states[", i, "] is on ",
+                xs[i].device(), ", hidden_states[0] on ", x0.device());
+    TORCH_CHECK(channel_contiguous(xs[i]), "saep: hidden_states[", i,
+                "] must have channel stride 1, got strides ", xs[i].strides());
+  }
+  TORCH_CHECK(height > 0 && width > 0, "saep: grid must be positive, got ", height, "x", width);
+  TORCH_CHECK(prefix >= 0 && prefix + height * width == x0.size(1), "saep: T = ", x0.size(1),
+              " tokens do not hold num_prefix_tokens + H*W = ", prefix, " + ", height, "*",
+              width);
+  TORCH_CHECK(pool == "avg" || pool == "max", "saep: pool must be 'avg' or 'max', got '", pool,
+              "'");
+  const int64_t kc = int64_t(xs.size()) * x0.size(2);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == kc, "saep: weight must be [k*k, K*C] with ",
+              "K*C = ", kc, ", got ", weight.sizes());
+  int64_t k = 1;
+  while (k * k < weight.size(0)) k += 2;
+  TORCH_CHECK(k * k == weight.size(0) && k <= kMaxKernel, "saep: weight must have k*k rows for ",
+              "k in 1, 3, 5, 7, got ", weight.size(0));
+  check_tensor(weight, "weight", weight.sizes(), compute_type(x0), x0.device(), true);
+  Geometry g;
+  g.batch = x0.size(0);
+  g.channels = x0.size(2);
+  g.height = height;
+  g.width = width;
+  g.prefix = prefix;
+  g.num_layers = int32_t(xs.size());
+  g.ksize = int32_t(k);
+  g.residual = residual;
+  g.pool = pool == "max" ? Pool::Max : Pool::Avg;
+  g.dtype = dtype_of(x0);
+  return g;
+}
+
+inline LayerPtrs layer_ptrs(const std::vector<at::Tensor>& xs) {
+  LayerPtrs out{};
+  for (size_t i = 0; i < xs.size(); ++i) {
+    out.data[i] = xs[i].data_ptr();
+    out.stride_b[i] = xs[i].stride(0);
+    out.stride_t[i] = xs[i].stride(1);
+  }
+  return out;
+}
+
+// saep_C::fused_aggregate_fwd: writes `out` (and `argmax`, for max pooling, when given).
+template <typename Kernels>
+void fused_aggregate_fwd(const std::vector<at::Tensor>& xs, const at::Tensor& weight,
+                         const c10::optional<at::Tensor>& bias, const at::Tensor& out,
+                         const c10::optional<at::Tensor>& argmax, int64_t height, int64_t width,
+                         int64_t prefix, bool residual, c10::string_view pool) {
+  FwdParams p{};
+  p.g = geometry(xs, weight, height, width, prefix, residual, pool);
+  const at::Tensor& x0 = xs[0];
+  const std::vector<int64_t> out_sizes{p.g.batch, p.g.windows(), p.g.kc()};
+  check_tensor(out, "out", out_sizes, x0.scalar_type(), x0.device(), true);
+  if (bias.has_value() && bias->defined()) {
+    check_tensor(*bias, "bias", {p.g.kc()}, compute_type(x0), x0.device(), true);
+    p.bias = bias->data_ptr();
+  }
+  if (argmax.has_value() && argmax->defined() && p.g.pool == Pool::Max) {
+    check_tensor(*argmax, "argmax", out_sizes, at::kByte, x0.device(), true);
+    p.argmax = argmax->data_ptr<uint8_t>();
+  }
+  p.x = layer_ptrs(xs);
+  p.weight = weight.data_ptr();
+  p.out = out.data_ptr();
+  Kernels::fwd(p, x0.device());
+}
+
+// saep_C::fused_aggregate_bwd: writes `grad_xs` (empty: not needed) and returns the weight
+// and bias partial sums [rows, k*k, K*C] and [rows, K*C] (empty when not needed).
+template <typename Kernels>
+std::tuple<at::Tensor, at::Tensor> fused_aggregate_bwd(
+    const at::Tensor& grad_out, const std::vector<at::Tensor>& xs, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& argmax, at::TensorList grad_xs, int64_t height,
+    int64_t width, int64_t prefix, bool residual, c10::string_view pool, bool need_w,
+    bool need_b) {
+  BwdParams p{};
+  p.g = geometry(xs, weight, height, width, prefix, residual, pool);
+  const Geometry& g = p.g;
+  const at::Tensor& x0 = xs[0];
+  const std::vector<int64_t> out_sizes{g.batch, g.windows(), g.kc()};
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_sizes) &&
+                  grad_out.scalar_type() == x0.scalar_type() &&
+                  grad_out.device() == x0.device() && channel_contiguous(grad_out),
+              "saep: grad_out must be ", at::IntArrayRef(out_sizes), " ", x0.scalar_type(),
+              " on ", x0.device(), " with channel stride 1, got ", grad_out.sizes(), " ",
+              grad_out.scalar_type(), " on ", grad_out.device(), " strides ", grad_out.strides());
+  if (g.pool == Pool::Max) {
+    TORCH_CHECK(argmax.has_value() && argmax->defined(),
+                "saep: max-pool backward needs the argmax saved by the forward");
+    check_tensor(*argmax, "argmax", out_sizes, at::kByte, x0.device(), true);
+    p.argmax = argmax->data_ptr<uint8_t>();
+  }
+  TORCH_CHECK(grad_xs.empty() || int64_t(grad_xs.size()) == g.num_layers,
+              "saep: grad_hidden_states must hold no tensor or one per layer, got ",
+              grad_xs.size());
+  for (size_t i = 0; i < grad_xs.size(); ++i) {
+    check_tensor(grad_xs[i], "grad_hidden_states[i]", x0.sizes(), x0.scalar_type(), x0.device(),
+                 true);
+    p.grad_x[i] = grad_xs[i].data_ptr();
+  }
+  p.x = layer_ptrs(xs);
+  p.weight = weight.data_ptr();
+  p.grad_out = grad_out.data_ptr();
+  p.gy_stride_b = grad_out.stride(0);
+  p.gy_stride_t = grad_out.stride(1);
+  const at::TensorOptions acc = x0.options().dtype(compute_type(x0));
+  const int64_t rows = Kernels::bwd_rows(g);
+  at::Tensor gw = at::empty({need_w ? rows : 0, g.ksize * g.ksize, g.kc()}, acc);
+  at::Tensor gb = at::empty({need_b ? rows : 0, g.kc()}, acc);
+  p.grad_w_part = need_w ? gw.data_ptr() : nullptr;
+  p.grad_b_part = need_b ? gb.data_ptr() : nullptr;
+  Kernels::bwd(p, x0.device());
+  return {gw, gb};
+}
+
+}  // namespace binding
+}  // namespace saep

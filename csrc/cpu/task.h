@@ -1,0 +1,212 @@
+// saep-kernels CPU kernels: what the forward and the backward share.
+//
+// Work is split into tasks (image b, layer l): a task reads its layer in place (channel
+// stride 1, any batch/token stride) and owns a disjoint slice of every output, so tasks run
+// in any order on any thread with the same result.
+//
+// Memory order. A task walks its image window by window (forward) or pixel by pixel
+// (backward) and, for each, runs over all C channels: every token row is read whole and in
+// order, the pattern the hardware prefetchers stream at full bandwidth, and every output
+// row is written whole. (Walking the image once per block of a few cache lines of channels
+// instead reads them every C*sizeof(T) bytes: measured here at a quarter of the bandwidth;
+// the max backward's 256-channel blocks are long enough runs to stream.) The rows a window
+// needs are reused from cache by its neighbours.
+//
+// Inner loops run over chunks of L channels with local accumulator arrays; for a full chunk
+// L is a compile-time trip count, so the loops unroll into SIMD registers (the tail of C
+// takes the same code with a runtime length). On x86-64 each entry point is compiled for
+// AVX-512, AVX2+FMA and baseline, picked at load time (target_clones, SAEP_CLONES).
+//
+// avg pool: a kxk conv, the residual and the 2x2 average fold into one stride-2 (k+1)x(k+1)
+// depthwise conv (docs/op.md section 4, `fold_avg`): 16 multiply-adds per output for k=3
+// instead of 36. The fold depends on the window's extent: partial windows of odd grids (last
+// row/column) drop their out-of-grid positions and divide by their own count, so up to four
+// folded kernels ("variants").
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "../fused_aggregate.h"
+#include "fused_aggregate_cpu.h"
+#include "numeric.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(SAEP_NO_CLONES)
+#define SAEP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SAEP_CLONES
+#endif
+#if defined(__GNUC__) || defined(__clang__)
+#define SAEP_INLINE __attribute__((always_inline)) inline
+#define SAEP_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define SAEP_INLINE inline
+#define SAEP_LAMBDA_INLINE
+#endif
+
+// the trip count of a chunk (see for_chunks): the constant L, or the tail's runtime length
+#define SAEP_LEN(chunk, n) (decltype(chunk)::value ? int64_t(decltype(chunk)::value) : (n))
+
+namespace saep {
+namespace cpu {
+
+struct Task {
+  int64_t b;
+  int32_t l;
+};
+
+inline int64_t num_tasks(const Geometry& g) { return g.batch * g.num_layers; }
+inline Task task_at(const Geometry& g, int64_t t) {
+  return Task{t / g.num_layers, int32_t(t % g.num_layers)};
+}
+
+// Calls f(chunk, c, n) over [0, C) in chunks: chunk is std::integral_constant<int, L> for
+// full chunks (n == L, a compile-time trip count) and <int, 0> for the tail (n < L).
+template <int L, typename F>
+SAEP_INLINE void for_chunks(int64_t C, F&& f) {
+  int64_t c = 0;
+  for (; c + L <= C; c += L) f(std::integral_constant<int, L>{}, c, int64_t(L));
+  if (c < C) f(std::integral_constant<int, 0>{}, c, C - c);
+}
+
+template <typename T, typename A>
+SAEP_INLINE A ld(T v) {
+  return Convert<T, A>::load(v);
+}
+
+// Accumulators of a chunk: 64 fp32 / 32 fp64 (8 AVX2 or 4 AVX-512 registers).
+template <typename A>
+constexpr int lanes() {
+  return int(256 / sizeof(A));
+}
+
+// A task's image of its layer, and the sizes its loops use.
+template <typename T, typename A>
+struct View {
+  const Geometry& g;
+  int k, k1, pad;
+  int64_t H, W, Ho, Wo, C, kc, st;
+  const T* x;  // image b of layer l at pixel (0, 0)
+
+  View(const Geometry& geo, const LayerPtrs& lp, const Task& t)
+      : g(geo), k(geo.ksize), k1(geo.ksize + 1), pad(geo.pad()), H(geo.height), W(geo.width),
+        Ho(geo.out_height()), Wo(geo.out_width()), C(geo.channels), kc(geo.kc()),
+        st(lp.stride_t[t.l]),
+        x(static_cast<const T*>(lp.data[t.l]) + t.b * lp.stride_b[t.l] + geo.prefix * lp.stride_t[t.l]) {}
+
+  const T* px(int64_t r, int64_t c) const { return x + (r * W + c) * st; }
+};
+
+// Calls f(a, e, x) for each in-grid pixel x of window (oi, oj)'s (k+1)x(k+1) patch: input
+// row 2*oi + a - p, column 2*oj + e - p (out-of-grid pixels are the conv's zero padding).
+template <typename T, typename A, typename F>
+SAEP_INLINE void for_patch(const View<T, A>& v, int64_t oi, int64_t oj, F&& f) {
+  for (int a = 0; a < v.k1; ++a) {
+    const int64_t r = 2 * oi + a - v.pad;
+    if (r < 0 || r >= v.H) continue;
+    for (int e = 0; e < v.k1; ++e) {
+      const int64_t col = 2 * oj + e - v.pad;
+      if (col < 0 || col >= v.W) continue;
+      f(a, e, v.px(r, col));
+    }
+  }
+}
+
+// Calls f(u, vv, x) for each in-grid pixel x under tap (u, vv) of the kxk conv centred on
+// pixel (i, j): input row i + u - p, column j + vv - p (out-of-grid pixels are zero padding).
+template <typename T, typename A, typename F>
+SAEP_INLINE void for_taps(const View<T, A>& v, int64_t i, int64_t j, F&& f) {
+  for (int u = 0; u < v.k; ++u) {
+    const int64_t r = i + u - v.pad;
+    if (r < 0 || r >= v.H) continue;
+    for (int vv = 0; vv < v.k; ++vv) {
+      const int64_t col = j + vv - v.pad;
+      if (col < 0 || col >= v.W) continue;
+      f(u, vv, v.px(r, col));
+    }
+  }
+}
+
+// The task's weights, channel-contiguous: w[tap][c] for tap = u*k + v.
+template <typename A>
+SAEP_INLINE void task_weights(const Geometry& g, const void* weight, const Task& t,
+                              std::vector<A>& w) {
+  const int taps = g.ksize * g.ksize;
+  w.resize(size_t(taps * g.channels));
+  const A* src = static_cast<const A*>(weight) + t.l * g.channels;
+  for (int tap = 0; tap < taps; ++tap)
+    std::copy_n(src + tap * g.kc(), g.channels, w.begin() + tap * g.channels);
+}
+
+// The four window extents, numbered for the folded avg kernels: bit 1 set when the window
+// has a single row, bit 0 when it has a single column.
+SAEP_INLINE int variant_of(const WindowExtent& e) {
+  return (e.rows == 1 ? 2 : 0) + (e.cols == 1 ? 1 : 0);
+}
+SAEP_INLINE WindowExtent extent_of_variant(int variant) {
+  return WindowExtent{(variant & 2) ? 1 : 2, (variant & 1) ? 1 : 2};
+}
+SAEP_INLINE int variant_of(const Geometry& g, int64_t oi, int64_t oj) {
+  return variant_of(window_extent(g, oi, oj));
+}
+
+// Folded avg kernel of each window variant: wf[variant][a][e][c], a, e in [0, k], so that
+//   y[oi, oj] = bias + sum_{a,e} wf[variant][a][e] * x[2*oi + a - p, 2*oj + e - p]
+// (out-of-grid x are zero). It sums the kxk kernel shifted to each in-grid window position,
+// plus the residual's identity tap, divided by the number of in-grid positions.
+template <typename A>
+SAEP_INLINE void fold_avg(const Geometry& g, const std::vector<A>& w, std::vector<A>& wf) {
+  const int k = g.ksize, k1 = k + 1, pad = g.pad();
+  const int64_t C = g.channels;
+  wf.resize(size_t(4 * k1 * k1 * C));
+  for (int variant = 0; variant < 4; ++variant) {
+    const WindowExtent ext = extent_of_variant(variant);
+    const A inv = A(1) / A(ext.count());
+    for (int a = 0; a < k1; ++a) {
+      for (int e = 0; e < k1; ++e) {
+        A* dst = wf.data() + ((variant * k1 + a) * k1 + e) * C;
+        const int ry = a - pad, rx = e - pad;
+        const A centre =
+            (g.residual && ry >= 0 && ry < ext.rows && rx >= 0 && rx < ext.cols) ? A(1) : A(0);
+        for (int64_t c = 0; c < C; ++c) dst[c] = centre;
+        for (int dy = 0; dy < ext.rows; ++dy) {
+          const int u = a - dy;
+          if (u < 0 || u >= k) continue;
+          for (int dx = 0; dx < ext.cols; ++dx) {
+            const int v = e - dx;
+            if (v < 0 || v >= k) continue;
+            const A* src = w.data() + (u * k + v) * C;
+            for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) dst[c] *= inv;
+      }
+    }
+  }
+}
+
+// Per-thread scratch memory, reused by the tasks a thread runs.
+template <typename A>
+struct Scratch {
+  std::vector<A> w, wf, gw, gwf, gb, gz;
+};
+
+template <typename Params>
+using ChunkFn = void (*)(const Params&, int64_t, int64_t);
+
+// Runs the dtype's entry point (each a SAEP_CLONES function over a range of tasks) over the
+// problem's tasks.
+template <typename Params>
+inline void run_tasks(const Params& p, const ParallelFor& parallel_for, ChunkFn<Params> f32,
+                      ChunkFn<Params> f64, ChunkFn<Params> bf16, ChunkFn<Params> f16) {
+  ChunkFn<Params> fn = p.g.dtype == DType::F64    ? f64
+                       : p.g.dtype == DType::BF16 ? bf16
+                       : p.g.dtype == DType::F16  ? f16
+                                                  : f32;
+  parallel_for(num_tasks(p.g), [&](int64_t b, int64_t e) { fn(p, b, e); });
+}
+
+}  // namespace cpu
+}  // namespace saep

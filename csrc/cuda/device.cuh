@@ -1,0 +1,145 @@
+// saep-kernels CUDA kernels: what the forward and backward kernels share on the device:
+// numerics, 16-byte vectors, the block's coordinates and the staging of its region into
+// shared memory (tiling: plan.h). No torch headers.
+//
+// The same source compiles as plain C++ under the CPU emulation of the CUDA execution model
+// in csrc/tests (cuda_emulation.h), so the kernels' logic is tested without a GPU.
+#pragma once
+
+#include <cstdint>
+
+#include "../fused_aggregate.h"
+#include "plan.h"
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#define SAEP_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#else
+// cuda_emulation.h, included before this file, provides the CUDA names used below.
+#define SAEP_DYNAMIC_SMEM(name) unsigned char* name = ::saep_emu::dynamic_smem()
+#endif
+
+namespace saep {
+namespace cuda {
+
+// ------------------------------------------------------------------------------- numerics
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// The compute type of inputs of type T: float, double for double.
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+// A compute-type value rounded (to nearest even) to the input type T.
+template <typename T>
+__device__ __forceinline__ T store_acc(typename AccOf<T>::type v);
+template <>
+__device__ __forceinline__ float store_acc<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ double store_acc<double>(double v) { return v; }
+template <>
+__device__ __forceinline__ __half store_acc<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 store_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// VEC elements of T moved as one aligned access (16 bytes when VEC = 16 / sizeof(T)).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Vec {
+  T v[VEC];
+};
+
+// ------------------------------------------------------------------------------- the block
+
+// Block coordinates shared by both directions.
+struct BlockPos {
+  int64_t b, oi0, oj0, part;
+  int layer;
+  int64_t c0;  // first channel of the block within the layer
+};
+
+__device__ __forceinline__ BlockPos block_pos(const Tiling& t) {
+  BlockPos bp;
+  const int64_t tiles = t.tiles_h * t.tiles_w;
+  bp.part = blockIdx.x;
+  bp.b = int64_t(blockIdx.x) / tiles;
+  const int64_t tile = int64_t(blockIdx.x) % tiles;
+  bp.oi0 = (tile / t.tiles_w) * t.th;
+  bp.oj0 = (tile % t.tiles_w) * t.tw;
+  bp.layer = int(blockIdx.z);
+  bp.c0 = int64_t(blockIdx.y) * t.cv * t.vec;
+  return bp;
+}
+
+// Element idx of a block's staged region: S pixels a row from input row 2*oi0 - pad and
+// column 2*oj0 - pad, t.cv channel vectors of `vec` channels a pixel, pixel-major.
+struct RegionElem {
+  int cv, pix;
+  int64_t gi, gj, ch;
+  bool inside;  // in the grid and below the last channel
+};
+
+__device__ __forceinline__ RegionElem region_elem(const Geometry& g, const Tiling& t,
+                                                  const BlockPos& bp, int S, int pad, int vec,
+                                                  int idx) {
+  RegionElem e;
+  e.cv = idx % t.cv;
+  e.pix = idx / t.cv;
+  e.gi = 2 * bp.oi0 - pad + e.pix / S;
+  e.gj = 2 * bp.oj0 - pad + e.pix % S;
+  e.ch = bp.c0 + int64_t(e.cv) * vec;
+  e.inside = e.gi >= 0 && e.gi < g.height && e.gj >= 0 && e.gj < g.width && e.ch < g.channels;
+  return e;
+}
+
+// Stage the block's pixel region of x (zero outside the grid and past the last channel).
+template <typename T, int VEC>
+__device__ __forceinline__ void stage_x(const LayerPtrs& x, const Geometry& g, const Tiling& t,
+                                        const BlockPos& bp, Vec<T, VEC>* xs) {
+  const int ksize = g.ksize, pad = g.pad();
+  const int R = t.rows(ksize), S = t.cols(ksize);
+  const T* base = static_cast<const T*>(x.data[bp.layer]) + bp.b * x.stride_b[bp.layer] +
+                  g.prefix * x.stride_t[bp.layer];
+  const int64_t st = x.stride_t[bp.layer];
+  const int n = R * S * t.cv;
+  for (int idx = threadIdx.x; idx < n; idx += blockDim.x) {
+    const RegionElem e = region_elem(g, t, bp, S, pad, VEC, idx);
+    Vec<T, VEC> v;
+    if (e.inside) {
+      v = *reinterpret_cast<const Vec<T, VEC>*>(base + (e.gi * g.width + e.gj) * st + e.ch);
+    } else {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) v.v[i] = store_acc<T>(typename AccOf<T>::type(0));
+    }
+    xs[idx] = v;
+  }
+}
+
+// Stage the block's weights: ws[tap][c] for its cv * VEC channels (zero past the last one).
+template <typename A>
+__device__ __forceinline__ void stage_weights(const void* weight, const Geometry& g,
+                                              const Tiling& t, const BlockPos& bp, A* ws) {
+  const int ch_block = t.cv * t.vec;
+  const int n = g.ksize * g.ksize * ch_block;
+  const A* w = static_cast<const A*>(weight);
+  for (int idx = threadIdx.x; idx < n; idx += blockDim.x) {
+    const int tap = idx / ch_block;
+    const int64_t ch = bp.c0 + idx % ch_block;
+    ws[idx] = ch < g.channels ? w[tap * g.kc() + bp.layer * g.channels + ch] : A(0);
+  }
+}
+
+}  // namespace cuda
+}  // namespace saep

@@ -1,0 +1,89 @@
+// saep-kernels CUDA kernels: the kernel instance for a problem (dtype, vector width, kernel
+// size), launched through a caller-given `launch` (a real launch in fused_aggregate_cuda.cu,
+// the CPU emulation in csrc/tests). No torch headers.
+#pragma once
+
+#include "fused_aggregate_bwd.cuh"
+#include "fused_aggregate_fwd.cuh"
+
+namespace saep {
+namespace cuda {
+
+// Channels in a 16-byte vector of the problem's dtype.
+inline int vector_width(const Geometry& g) { return int(16 / dtype_size(g.dtype)); }
+
+// True when the layers and every other tensor the kernels touch (`extra` pointers, `extra`
+// strides in elements) allow 16-byte vectors of channels.
+inline bool vector_ok(const Geometry& g, const LayerPtrs& x, const void* const* extra,
+                      int n_extra, const int64_t* extra_strides, int n_strides) {
+  const int vec = vector_width(g);
+  if (g.channels % vec != 0) return false;
+  const uintptr_t bytes = 16;
+  for (int l = 0; l < g.num_layers; ++l) {
+    if (reinterpret_cast<uintptr_t>(x.data[l]) % bytes != 0) return false;
+    if (x.stride_b[l] % vec != 0 || x.stride_t[l] % vec != 0) return false;
+    if ((g.prefix * x.stride_t[l]) % vec != 0) return false;
+  }
+  for (int i = 0; i < n_extra; ++i)
+    if (extra[i] != nullptr && reinterpret_cast<uintptr_t>(extra[i]) % bytes != 0) return false;
+  for (int i = 0; i < n_strides; ++i)
+    if (extra_strides[i] % vec != 0) return false;
+  return true;
+}
+
+// Calls launch(kernel, tiling, params) with the kernel instance for the problem's dtype,
+// vector width and kernel size. `launch`'s return value is passed back.
+template <typename T, int VEC, int KSIZE, typename Launch>
+int launch_instance(const FwdParams& p, Launch&& launch) {
+  return launch(fused_aggregate_fwd_kernel<T, VEC, KSIZE>, plan(p.g, VEC, false), p);
+}
+template <typename T, int VEC, int KSIZE, typename Launch>
+int launch_instance(const BwdParams& p, Launch&& launch) {
+  return launch(fused_aggregate_bwd_kernel<T, VEC, KSIZE>, plan(p.g, VEC, true), p);
+}
+
+template <typename T, int VEC, typename Params, typename Launch>
+int dispatch_ksize(const Params& p, Launch&& launch) {
+  switch (p.g.ksize) {
+    case 1: return launch_instance<T, VEC, 1>(p, launch);
+    case 3: return launch_instance<T, VEC, 3>(p, launch);
+    case 5: return launch_instance<T, VEC, 5>(p, launch);
+    case 7: return launch_instance<T, VEC, 7>(p, launch);
+  }
+  return -1;
+}
+
+template <typename T, typename Params, typename Launch>
+int dispatch_vec(const Params& p, bool vector, Launch&& launch) {
+  constexpr int kVec = int(16 / sizeof(T));
+  return vector ? dispatch_ksize<T, kVec>(p, launch) : dispatch_ksize<T, 1>(p, launch);
+}
+
+// `vector`: use 16-byte vectors (see fwd_vector_ok / bwd_vector_ok), else one channel each.
+template <typename Params, typename Launch>
+int dispatch(const Params& p, bool vector, Launch&& launch) {
+  switch (p.g.dtype) {
+    case DType::F32: return dispatch_vec<float>(p, vector, launch);
+    case DType::F64: return dispatch_vec<double>(p, vector, launch);
+    case DType::F16: return dispatch_vec<__half>(p, vector, launch);
+    case DType::BF16: return dispatch_vec<__nv_bfloat16>(p, vector, launch);
+  }
+  return -1;
+}
+
+inline bool fwd_vector_ok(const FwdParams& p) {
+  const void* extra[] = {p.out};
+  return vector_ok(p.g, p.x, extra, 1, nullptr, 0);
+}
+
+inline bool bwd_vector_ok(const BwdParams& p) {
+  const void* extra[kMaxLayers + 1];
+  int n = 0;
+  extra[n++] = p.grad_out;
+  for (int l = 0; l < p.g.num_layers; ++l) extra[n++] = p.grad_x[l];
+  const int64_t strides[] = {p.gy_stride_b, p.gy_stride_t};
+  return vector_ok(p.g, p.x, extra, n, strides, 2);
+}
+
+}  // namespace cuda
+}  // namespace saep

@@ -1,0 +1,86 @@
+// saep-kernels CUDA kernels: host-side planning, shared with the kernels (no CUDA headers).
+//
+// A block owns a TH x TW tile of pooling windows of one image and CV channel vectors of VEC
+// channels (16 bytes: 8 x bf16/fp16, 4 x fp32, 2 x fp64; or one channel when the tensors do
+// not allow 16-byte vectors) of one layer. Its input region is the (2*TH + k - 1) x
+// (2*TW + k - 1) pixel patch of the tile (the tile's pixels plus the conv halo), staged in
+// shared memory with the block's k*k weights (and, in the backward, g_z over the region).
+#pragma once
+
+#include <cstdint>
+
+#include "../fused_aggregate.h"
+
+namespace saep {
+namespace cuda {
+
+struct Tiling {
+  int th, tw;          // windows per block (rows, columns)
+  int cv;              // channel vectors per block
+  int vec;             // channels per vector
+  int64_t tiles_h, tiles_w;
+  int64_t grid_x, grid_y, grid_z;  // B * tiles, channel chunks, layers
+  int threads;
+  int64_t smem_bytes;
+
+  // pixel region staged per block (tile pixels + conv halo)
+  SAEP_HD int rows(int ksize) const { return 2 * th + ksize - 1; }
+  SAEP_HD int cols(int ksize) const { return 2 * tw + ksize - 1; }
+};
+
+// Shared memory of a block: the staged x region, the g_z region (backward), the weights;
+// each part starts 16-byte aligned.
+struct SmemLayout {
+  int64_t x, gz, w, total;  // byte offsets and size
+};
+
+SAEP_HD int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
+
+SAEP_HD SmemLayout smem_layout(const Geometry& g, int th, int tw, int cv, int vec,
+                               bool backward) {
+  const int64_t esize = dtype_size(g.dtype), asize = compute_size(g.dtype);
+  const int64_t pixels = int64_t(2 * th + g.ksize - 1) * (2 * tw + g.ksize - 1);
+  const int64_t ch = int64_t(cv) * vec;
+  SmemLayout L;
+  L.x = 0;
+  L.gz = align16(pixels * ch * esize);
+  L.w = L.gz + (backward ? align16(pixels * ch * asize) : 0);
+  L.total = L.w + align16(int64_t(g.ksize) * g.ksize * ch * asize);
+  return L;
+}
+
+// Tile shapes: up to 4 x 8 windows and ~128 threads per block, fewer channel vectors when
+// shared memory would pass 48 KiB (large k in the backward).
+inline Tiling plan(const Geometry& g, int vec, bool backward) {
+  Tiling t{};
+  const int64_t ho = g.out_height(), wo = g.out_width();
+  t.tw = int(wo < 8 ? wo : 8);
+  t.th = int(ho < 4 ? ho : 4);
+  if (t.tw < 1) t.tw = 1;
+  if (t.th < 1) t.th = 1;
+  t.vec = vec;
+  const int64_t vectors = (g.channels + vec - 1) / vec;
+  const int windows = t.th * t.tw;
+  int cv = 128 / windows;
+  const int cv_max = vec > 1 ? 8 : 32;
+  if (cv > cv_max) cv = cv_max;
+  if (cv < 1) cv = 1;
+  if (cv > vectors) cv = int(vectors);
+  while (cv > 1 && smem_layout(g, t.th, t.tw, cv, vec, backward).total > 48 * 1024) cv /= 2;
+  t.cv = cv;
+  t.tiles_h = (ho + t.th - 1) / t.th;
+  t.tiles_w = (wo + t.tw - 1) / t.tw;
+  t.grid_x = g.batch * t.tiles_h * t.tiles_w;
+  t.grid_y = (vectors + cv - 1) / cv;
+  t.grid_z = g.num_layers;
+  t.threads = windows * cv;
+  t.smem_bytes = smem_layout(g, t.th, t.tw, cv, vec, backward).total;
+  return t;
+}
+
+// Rows of the backward's partial-sum buffers: one per (image, tile of windows). Tiles depend
+// on the grid alone (not on the vector width), so the count is known before dispatch.
+inline int64_t bwd_rows(const Geometry& g) { return plan(g, 1, true).grid_x; }
+
+}  // namespace cuda
+}  // namespace saep

@@ -1,0 +1,111 @@
+"""What the forward and backward Triton kernels of the fused op share: the program tile, the
+index helpers, the launch tiles.
+
+The op (docs/op.md): K layers ``x_l`` of shape [B, T, C] are read in place (one pointer and
+one batch/token stride pair per layer, channel stride 1, no concat), the tokens after
+``prefix`` form an H x W grid, channel ``l*C + c`` of the virtual concat is channel c of layer
+l, and
+
+    z = dwconv_k(x) + bias (+ x if residual),     y = pool_2x2_ceil(z)   -> [B, Ho*Wo, K*C]
+
+Tiling: a program owns BLOCK_P pooling windows (flattened ``oi*Wo + oj``) of one image and
+BLOCK_C channels of one layer. Tiles are channel-contiguous so loads and stores coalesce (and
+vectorise: the channel stride is 1). All offsets are int64. The weight comes tap-major,
+``w[(u*k + v) * K*C + l*C + c]`` in the compute dtype, so a tap's channels are contiguous.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def acc_dtype(dtype: torch.dtype):
+    """The Triton type arithmetic runs in for inputs of ``dtype``."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+class LaunchConfig(NamedTuple):
+    block_p: int
+    block_c: int
+    num_warps: int
+
+
+def launch_config(n_windows: int, channels: int, interpret: Optional[bool] = None) -> LaunchConfig:
+    """Tile sizes for a problem: a function of its shape only (never of the batch), so the
+    partial sums of the weight gradient, and hence its bits, are the same on every call."""
+    if interpret if interpret is not None else interpreting():
+        # The interpreter pays per program and per op, not per element: use big tiles.
+        return LaunchConfig(min(triton.next_power_of_2(n_windows), 64),
+                            min(triton.next_power_of_2(channels), 128), 1)
+    return LaunchConfig(min(triton.next_power_of_2(n_windows), 32),
+                        min(triton.next_power_of_2(channels), 64), 4)
+
+
+@triton.jit
+def pick(values, index, N: tl.constexpr):
+    """values[index] for a tuple of N scalars (pointers or ints) and a runtime index."""
+    out = values[0]
+    for i in tl.static_range(1, N):
+        out = tl.where(index == i, values[i], out)
+    return out
+
+
+@triton.jit
+def program_tile(C, OW, n_windows, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's share of the work, the same in the forward and the backward:
+    axis 0 = (image b, tile of BLOCK_P windows), axis 1 = block of BLOCK_C channels,
+    axis 2 = layer. Returns (pid0, layer, b, window ids, channels, masks, window rows/cols)."""
+    n_window_tiles = tl.cdiv(n_windows, BLOCK_P)
+    pid0 = tl.program_id(0)
+    layer = tl.program_id(2)
+    b = (pid0 // n_window_tiles).to(tl.int64)
+    p = (pid0 % n_window_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return pid0, layer, b, p, c, p < n_windows, c < C, p // OW, p % OW
+
+
+@triton.jit
+def window_extent(oi, oj, H, W):
+    """(has a second row, has a second column, in-grid positions) of window (oi, oj): the
+    last row/column of windows of an odd grid is partial (ceil mode)."""
+    has_down = (2 * oi + 1) < H
+    has_right = (2 * oj + 1) < W
+    return has_down, has_right, (1 + has_down.to(tl.int32)) * (1 + has_right.to(tl.int32))
+
+
+@triton.jit
+def x_tile(base, stride_t, prefix, row, col, H, W, c, p_mask, c_mask, ACC: tl.constexpr):
+    """x[row, col, c] for a tile of grid positions (zero outside the grid), as ACC."""
+    ok = p_mask & (row >= 0) & (row < H) & (col >= 0) & (col < W)
+    tok = (prefix + row * W + col).to(tl.int64)
+    v = tl.load(base + tok[:, None] * stride_t + c[None, :], mask=ok[:, None] & c_mask[None, :],
+                other=0.0)
+    return v.to(ACC)
+
+
+@triton.jit
+def conv_tap(acc, xv, w_ptr, wc, c_mask, KC, u: tl.constexpr, v: tl.constexpr,
+             KSIZE: tl.constexpr, RESIDUAL: tl.constexpr, ACC: tl.constexpr):
+    """acc += w[u, v][wc] * xv when (u, v) is a tap of the kernel; + xv at the centre if
+    residual. (u, v) are compile-time constants: taps outside the kernel generate no code."""
+    if u >= 0:
+        if u < KSIZE:
+            if v >= 0:
+                if v < KSIZE:
+                    w = tl.load(w_ptr + (u * KSIZE + v) * KC + wc, mask=c_mask, other=0.0)
+                    acc += xv * w.to(ACC)[None, :]
+    if RESIDUAL:
+        if u == KSIZE // 2:
+            if v == KSIZE // 2:
+                acc += xv
+    return acc
