@@ -28,8 +28,8 @@ from .plots import plot_bandwidth_fraction, plot_op_latency, plot_projectors, pl
 from .projector_bench import bench_projectors, bench_sweep
 
 PARTS = ("op", "projectors", "sweep", "llm")
-OP_TABLE = ["backend", "config", "batch", "dtype", "fwd_ms", "fwd_bwd_ms", "gbps", "bw_fraction",
-            "fwd_bwd_bw_fraction", "peak_mem_mb"]
+OP_TABLE = ["backend", "config", "batch", "dtype", "fwd_ms", "fwd_bwd_ms", "frozen_fwd_bwd_ms",
+            "gbps", "bw_fraction", "fwd_bwd_bw_fraction", "peak_mem_mb"]
 PROJ_TABLE = ["name", "config", "batch", "dtype", "params", "out_tokens", "fwd_ms", "fwd_bwd_ms",
               "peak_mem_mb", "llm_ms", "note"]
 QUICK = Config("quick", "tiny", 8, 8, 32, 1, 2, 128)

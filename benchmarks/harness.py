@@ -16,6 +16,7 @@ import csv
 import datetime as _dt
 import json
 import platform
+import subprocess
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -49,6 +50,7 @@ class Row:
     fwd_bwd_ms: Optional[float] = None
     fwd_bwd_p20_ms: Optional[float] = None
     fwd_bwd_p80_ms: Optional[float] = None
+    frozen_fwd_bwd_ms: Optional[float] = None  # op: no input gradients (a frozen vision tower)
     peak_mem_mb: Optional[float] = None
     params: Optional[int] = None
     out_tokens: Optional[int] = None
@@ -84,6 +86,19 @@ def device_name(device: torch.device) -> str:
     return f"{name} ({torch.get_num_threads()} threads)"
 
 
+def _git_commit() -> str:
+    """The checkout's commit (with "+dirty" when tracked files differ from it), or "unknown"."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit + ("+dirty" if dirty.strip() else "")) if commit else "unknown"
+
+
 def metadata(device: torch.device) -> Dict[str, object]:
     meta = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -94,12 +109,11 @@ def metadata(device: torch.device) -> Dict[str, object]:
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
         "host": platform.node(),
+        "commit": _git_commit(),
     }
     if device.type == "cuda":
         meta["cuda"] = torch.version.cuda
         try:
-            import subprocess
-
             meta["driver"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                 capture_output=True, text=True, timeout=30).stdout.strip()

@@ -1,4 +1,5 @@
-"""Microbenchmarks of the fused op: each implementation, forward and forward+backward.
+"""Microbenchmarks of the fused op: each implementation, forward and forward+backward (all
+inputs trainable, and with a frozen vision tower: weight and bias gradients only).
 
 Implementations:
 * ``eager``   - the reference (cat + depthwise conv2d + residual + pool) in eager PyTorch;
@@ -91,13 +92,19 @@ def bench_problem(impls: List[str], cfg: Config, batch: int, dtype_name: str,
                 return fn(layers, w, b)
         return run
 
-    def forward_backward(fn):
-        return lambda: torch.autograd.grad(fn(layers, w, b), inputs, gy)
+    def forward_backward(fn, xs=layers, wrt=inputs):
+        return lambda: torch.autograd.grad(fn(xs, w, b), wrt, gy)
 
+    # a frozen vision tower: gradients of the weight and bias only, timed in the same rounds
+    frozen = [h.detach() for h in layers]
     fwd = time_interleaved({i: forward(f) for i, f in fns.items()}, device, rounds, reps,
                            min_run_time, progress)
-    fb = (time_interleaved({i: forward_backward(f) for i, f in fns.items()}, device, rounds,
-                           reps, min_run_time, progress) if backward else {})
+    fb = {}
+    if backward:
+        fb = time_interleaved(
+            {**{i: forward_backward(f) for i, f in fns.items()},
+             **{f"{i} frozen": forward_backward(f, frozen, [w, b]) for i, f in fns.items()}},
+            device, rounds, reps, min_run_time, progress)
     note = f"pool={pool}, k=3" + (f", {torch.get_num_threads()} threads"
                                   if device.type == "cpu" else "")
     rows = []
@@ -113,6 +120,7 @@ def bench_problem(impls: List[str], cfg: Config, batch: int, dtype_name: str,
         if backward:
             u = fb[impl]
             row.fwd_bwd_ms, row.fwd_bwd_p20_ms, row.fwd_bwd_p80_ms = u.median_ms, u.p20_ms, u.p80_ms
+            row.frozen_fwd_bwd_ms = fb[f"{impl} frozen"].median_ms
             total = fwd_bytes + bwd_bytes
             row.fwd_bwd_gbps = total / (u.median_ms * 1e-3) / 1e9
             row.fwd_bwd_bw_fraction = total / (u.median_ms * 1e-3) / copy_bps
