@@ -91,7 +91,7 @@ struct WindowExtent {
 };
 
 SAEP_HD WindowExtent window_extent(const Geometry& g, int64_t oi, int64_t oj) {
-  return WindowExtent{2 * oi + 1 < g.height ? 2 : 1, 2 * oj + 1 < g.width ? 2 : 1};
+  return WindowExtent{1 + int32_t(2 * oi + 1 < g.height), 1 + int32_t(2 * oj + 1 < g.width)};
 }
 
 }  // namespace saep

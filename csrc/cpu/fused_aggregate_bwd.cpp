@@ -61,6 +61,7 @@ template <typename T, typename A>
 SAEP_INLINE void avg_input_grad(const GradTask<T, A>& t) {
   const View<T, A>& v = t.v;
   const int k = v.k, k1 = v.k1, pad = v.pad;
+  const A* wf = t.s.wf.data();
   constexpr int L = lanes<A>() / 2;
   for (int64_t i = 0; i < v.H; ++i) {
     const int64_t oi_lo = std::max<int64_t>(0, floor_half(i + pad - k + 1));
@@ -77,7 +78,7 @@ SAEP_INLINE void avg_input_grad(const GradTask<T, A>& t) {
           const int a = int(i - 2 * oi + pad);
           for (int64_t oj = oj_lo; oj <= oj_hi; ++oj) {
             const int e = int(j - 2 * oj + pad);
-            const A* wp = t.s.wf.data() + ((variant_of(t.g, oi, oj) * k1 + a) * k1 + e) * v.C + c;
+            const A* wp = wf + ((variant_of(t.g, oi, oj) * k1 + a) * k1 + e) * v.C + c;
             const T* gp = t.gy + (oi * v.Wo + oj) * t.gst + c;
             for (int64_t q = 0; q < len; ++q) acc[q] += ld<T, A>(gp[q]) * wp[q];
           }
@@ -252,42 +253,34 @@ SAEP_INLINE void bias_grad(GradTask<T, A>& t, A* part) {
 }
 
 template <typename T, typename A>
-SAEP_INLINE void bwd_task(const BwdParams& p, const Task& task, Scratch<A>& s) {
-  GradTask<T, A> t(p, task, s);
-  const int64_t C = p.g.channels, kc = p.g.kc();
-  if (p.g.pool == Pool::Avg) {
-    fold_avg(p.g, s.w, s.wf);
-    if (t.gx) avg_input_grad(t);
-    if (t.gw) avg_weight_grad(t);
-  } else if (t.gx || t.gw) {
-    // The image is walked once per block of channels so that the block's input rows and g_z
-    // rows stay in L2 and its weights and weight-gradient accumulators in L1.
-    const int64_t cb = std::min<int64_t>(C, kMaxBlock);
-    for (int64_t c0 = 0; c0 < C; c0 += cb) {
-      const int64_t cn = std::min<int64_t>(cb, C - c0);
-      if (t.gx) max_input_grad(t, c0, cn, cb);
-      if (t.gw) max_weight_grad(t, c0, cn);
+struct BackwardTask {
+  static SAEP_INLINE void run(const BwdParams& p, const Task& task, Scratch<A>& s) {
+    GradTask<T, A> t(p, task, s);
+    const int64_t C = p.g.channels, kc = p.g.kc();
+    if (p.g.pool == Pool::Avg) {
+      fold_avg(p.g, s.w, s.wf);
+      if (t.gx) avg_input_grad(t);
+      if (t.gw) avg_weight_grad(t);
+    } else if (t.gx || t.gw) {
+      // The image is walked once per block of channels so that the block's input rows and g_z
+      // rows stay in L2 and its weights and weight-gradient accumulators in L1.
+      const int64_t cb = std::min<int64_t>(C, kMaxBlock);
+      for (int64_t c0 = 0; c0 < C; c0 += cb) {
+        const int64_t cn = std::min<int64_t>(cb, C - c0);
+        if (t.gx) max_input_grad(t, c0, cn, cb);
+        if (t.gw) max_weight_grad(t, c0, cn);
+      }
     }
+    if (t.gw) {
+      const int taps = p.g.ksize * p.g.ksize;
+      A* part = static_cast<A*>(p.grad_w_part) + task.b * taps * kc + task.l * C;
+      for (int tap = 0; tap < taps; ++tap) std::copy_n(t.gw + tap * C, C, part + tap * kc);
+    }
+    if (p.grad_b_part) bias_grad(t, static_cast<A*>(p.grad_b_part) + task.b * kc + task.l * C);
   }
-  if (t.gw) {
-    const int taps = p.g.ksize * p.g.ksize;
-    A* part = static_cast<A*>(p.grad_w_part) + task.b * taps * kc + task.l * C;
-    for (int tap = 0; tap < taps; ++tap) std::copy_n(t.gw + tap * C, C, part + tap * kc);
-  }
-  if (p.grad_b_part) bias_grad(t, static_cast<A*>(p.grad_b_part) + task.b * kc + task.l * C);
-}
+};
 
-template <typename T, typename A>
-SAEP_INLINE void bwd_chunk(const BwdParams& p, int64_t begin, int64_t end) {
-  Scratch<A> s;
-  for (int64_t t = begin; t < end; ++t) bwd_task<T, A>(p, task_at(p.g, t), s);
-}
-
-// One non-template function per dtype, cloned per instruction set.
-SAEP_CLONES void bwd_f32(const BwdParams& p, int64_t b, int64_t e) { bwd_chunk<float, float>(p, b, e); }
-SAEP_CLONES void bwd_f64(const BwdParams& p, int64_t b, int64_t e) { bwd_chunk<double, double>(p, b, e); }
-SAEP_CLONES void bwd_bf16(const BwdParams& p, int64_t b, int64_t e) { bwd_chunk<bf16, float>(p, b, e); }
-SAEP_CLONES void bwd_f16(const BwdParams& p, int64_t b, int64_t e) { bwd_chunk<f16, float>(p, b, e); }
+SAEP_DTYPE_ENTRY_POINTS(bwd, BwdParams, BackwardTask)
 
 }  // namespace
 

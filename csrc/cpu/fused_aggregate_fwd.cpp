@@ -87,29 +87,21 @@ SAEP_INLINE void max_forward(const FwdParams& p, const View<T, A>& v, const A* b
 }
 
 template <typename T, typename A>
-SAEP_INLINE void fwd_task(const FwdParams& p, const Task& t, Scratch<A>& s) {
-  const View<T, A> v(p.g, p.x, t);
-  const A* bias = p.bias ? static_cast<const A*>(p.bias) + t.l * v.C : nullptr;
-  const int64_t out_base = t.b * p.g.windows() * v.kc + t.l * v.C;
-  task_weights(p.g, p.weight, t, s.w);
-  if (p.g.pool == Pool::Avg)
-    avg_forward(p, v, bias, static_cast<T*>(p.out) + out_base, s);
-  else
-    max_forward(p, v, bias, static_cast<T*>(p.out) + out_base,
-                p.argmax ? p.argmax + out_base : nullptr, s);
-}
+struct ForwardTask {
+  static SAEP_INLINE void run(const FwdParams& p, const Task& t, Scratch<A>& s) {
+    const View<T, A> v(p.g, p.x, t);
+    const A* bias = p.bias ? static_cast<const A*>(p.bias) + t.l * v.C : nullptr;
+    const int64_t out_base = t.b * p.g.windows() * v.kc + t.l * v.C;
+    task_weights(p.g, p.weight, t, s.w);
+    if (p.g.pool == Pool::Avg)
+      avg_forward(p, v, bias, static_cast<T*>(p.out) + out_base, s);
+    else
+      max_forward(p, v, bias, static_cast<T*>(p.out) + out_base,
+                  p.argmax ? p.argmax + out_base : nullptr, s);
+  }
+};
 
-template <typename T, typename A>
-SAEP_INLINE void fwd_chunk(const FwdParams& p, int64_t begin, int64_t end) {
-  Scratch<A> s;
-  for (int64_t t = begin; t < end; ++t) fwd_task<T, A>(p, task_at(p.g, t), s);
-}
-
-// One non-template function per dtype, cloned per instruction set.
-SAEP_CLONES void fwd_f32(const FwdParams& p, int64_t b, int64_t e) { fwd_chunk<float, float>(p, b, e); }
-SAEP_CLONES void fwd_f64(const FwdParams& p, int64_t b, int64_t e) { fwd_chunk<double, double>(p, b, e); }
-SAEP_CLONES void fwd_bf16(const FwdParams& p, int64_t b, int64_t e) { fwd_chunk<bf16, float>(p, b, e); }
-SAEP_CLONES void fwd_f16(const FwdParams& p, int64_t b, int64_t e) { fwd_chunk<f16, float>(p, b, e); }
+SAEP_DTYPE_ENTRY_POINTS(fwd, FwdParams, ForwardTask)
 
 }  // namespace
 

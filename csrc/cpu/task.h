@@ -142,9 +142,7 @@ SAEP_INLINE void task_weights(const Geometry& g, const void* weight, const Task&
 
 // The four window extents, numbered for the folded avg kernels: bit 1 set when the window
 // has a single row, bit 0 when it has a single column.
-SAEP_INLINE int variant_of(const WindowExtent& e) {
-  return (e.rows == 1 ? 2 : 0) + (e.cols == 1 ? 1 : 0);
-}
+SAEP_INLINE int variant_of(const WindowExtent& e) { return 2 * (2 - e.rows) + (2 - e.cols); }
 SAEP_INLINE WindowExtent extent_of_variant(int variant) {
   return WindowExtent{(variant & 2) ? 1 : 2, (variant & 1) ? 1 : 2};
 }
@@ -193,11 +191,34 @@ struct Scratch {
   std::vector<A> w, wf, gw, gwf, gb, gz;
 };
 
+// Runs TaskFn<T, A>::run(params, task, scratch) over the tasks [begin, end), one scratch for
+// them all.
+template <template <typename, typename> class TaskFn, typename T, typename A, typename Params>
+SAEP_INLINE void run_chunk(const Params& p, int64_t begin, int64_t end) {
+  Scratch<A> s;
+  for (int64_t t = begin; t < end; ++t) TaskFn<T, A>::run(p, task_at(p.g, t), s);
+}
+
+// A direction's entry points: NAME_f32, NAME_f64, NAME_bf16, NAME_f16 run TASK over a range of
+// tasks, each one non-template function cloned per instruction set (SAEP_CLONES).
+#define SAEP_DTYPE_ENTRY_POINTS(NAME, PARAMS, TASK)                                           \
+  SAEP_CLONES void NAME##_f32(const PARAMS& p, int64_t b, int64_t e) {                        \
+    run_chunk<TASK, float, float>(p, b, e);                                                   \
+  }                                                                                           \
+  SAEP_CLONES void NAME##_f64(const PARAMS& p, int64_t b, int64_t e) {                        \
+    run_chunk<TASK, double, double>(p, b, e);                                                 \
+  }                                                                                           \
+  SAEP_CLONES void NAME##_bf16(const PARAMS& p, int64_t b, int64_t e) {                       \
+    run_chunk<TASK, bf16, float>(p, b, e);                                                    \
+  }                                                                                           \
+  SAEP_CLONES void NAME##_f16(const PARAMS& p, int64_t b, int64_t e) {                        \
+    run_chunk<TASK, f16, float>(p, b, e);                                                     \
+  }
+
 template <typename Params>
 using ChunkFn = void (*)(const Params&, int64_t, int64_t);
 
-// Runs the dtype's entry point (each a SAEP_CLONES function over a range of tasks) over the
-// problem's tasks.
+// Runs the dtype's entry point (see SAEP_DTYPE_ENTRY_POINTS) over the problem's tasks.
 template <typename Params>
 inline void run_tasks(const Params& p, const ParallelFor& parallel_for, ChunkFn<Params> f32,
                       ChunkFn<Params> f64, ChunkFn<Params> bf16, ChunkFn<Params> f16) {

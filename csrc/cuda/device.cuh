@@ -83,6 +83,47 @@ __device__ __forceinline__ BlockPos block_pos(const Tiling& t) {
   return bp;
 }
 
+// The window a thread computes, for one channel vector: thread = window * t.cv + vector.
+struct ThreadWindow {
+  int cv, wy, wx;     // channel vector; window row / column within the tile
+  int64_t oi, oj, ch;  // the window in the pooled grid; its first channel
+  bool active;         // a window of the grid, channels below the last
+};
+
+__device__ __forceinline__ ThreadWindow thread_window(const Geometry& g, const Tiling& t,
+                                                      const BlockPos& bp, int vec) {
+  ThreadWindow w;
+  w.cv = int(threadIdx.x) % t.cv;
+  const int win = int(threadIdx.x) / t.cv;
+  w.wy = win / t.tw;
+  w.wx = win % t.tw;
+  w.oi = bp.oi0 + w.wy;
+  w.oj = bp.oj0 + w.wx;
+  w.ch = bp.c0 + int64_t(w.cv) * vec;
+  w.active = win < t.th * t.tw && w.oi < g.out_height() && w.oj < g.out_width() &&
+             w.ch < g.channels;
+  return w;
+}
+
+// A block's shared memory (plan.h's SmemLayout): the staged x region, g_z over it (backward
+// only), the weights ws[tap][c].
+template <typename T, int VEC>
+struct BlockSmem {
+  using A = typename AccOf<T>::type;
+  Vec<T, VEC>* xs;
+  A* gz;
+  A* ws;
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ BlockSmem<T, VEC> block_smem(unsigned char* smem, const Geometry& g,
+                                                        const Tiling& t, bool backward) {
+  using A = typename AccOf<T>::type;
+  const SmemLayout L = smem_layout(g, t.th, t.tw, t.cv, VEC, backward);
+  return BlockSmem<T, VEC>{reinterpret_cast<Vec<T, VEC>*>(smem + L.x),
+                           reinterpret_cast<A*>(smem + L.gz), reinterpret_cast<A*>(smem + L.w)};
+}
+
 // Element idx of a block's staged region: S pixels a row from input row 2*oi0 - pad and
 // column 2*oj0 - pad, t.cv channel vectors of `vec` channels a pixel, pixel-major.
 struct RegionElem {

@@ -24,10 +24,10 @@ __global__ void fused_aggregate_bwd_kernel(BwdParams p, Tiling t) {
   const int64_t kc = g.kc();
   const int64_t wo = g.out_width();
   SAEP_DYNAMIC_SMEM(smem);
-  const SmemLayout L = smem_layout(g, t.th, t.tw, t.cv, VEC, true);
-  Vec<T, VEC>* xs = reinterpret_cast<Vec<T, VEC>*>(smem + L.x);
-  A* gzs = reinterpret_cast<A*>(smem + L.gz);  // [R*S][ch_block]
-  A* ws = reinterpret_cast<A*>(smem + L.w);
+  const BlockSmem<T, VEC> sm = block_smem<T, VEC>(smem, g, t, true);
+  Vec<T, VEC>* xs = sm.xs;
+  A* gzs = sm.gz;  // [R*S][ch_block]
+  A* ws = sm.ws;
   const bool need_x = p.grad_x[0] != nullptr;
   const bool need_w = p.grad_w_part != nullptr, need_b = p.grad_b_part != nullptr;
 
@@ -66,42 +66,38 @@ __global__ void fused_aggregate_bwd_kernel(BwdParams p, Tiling t) {
   }
   __syncthreads();
 
-  if (need_x) {
-    const int cv = threadIdx.x % t.cv;
-    const int win = threadIdx.x / t.cv;
-    const int wy = win / t.tw, wx = win % t.tw;
-    const int64_t oi = bp.oi0 + wy, oj = bp.oj0 + wx;
-    const int64_t ch = bp.c0 + int64_t(cv) * VEC;
-    if (win < t.th * t.tw && oi < g.out_height() && oj < wo && ch < g.channels) {
-      T* gx = static_cast<T*>(p.grad_x[bp.layer]) +
-              (bp.b * (g.prefix + g.height * g.width) + g.prefix) * g.channels + ch;
+  const ThreadWindow tw = thread_window(g, t, bp, VEC);
+  if (need_x && tw.active) {
+    const int cv = tw.cv, wy = tw.wy, wx = tw.wx;
+    const int64_t oi = tw.oi, oj = tw.oj, ch = tw.ch;
+    T* gx = static_cast<T*>(p.grad_x[bp.layer]) +
+            (bp.b * g.tokens() + g.prefix) * g.channels + ch;
 #pragma unroll
-      for (int dy = 0; dy < 2; ++dy) {
+    for (int dy = 0; dy < 2; ++dy) {
 #pragma unroll
-        for (int dx = 0; dx < 2; ++dx) {
-          const int64_t i = 2 * oi + dy, j = 2 * oj + dx;
-          if (i >= g.height || j >= g.width) continue;
-          // region coordinates of the pixel: (2*wy + dy + PAD, 2*wx + dx + PAD)
-          const int ry = 2 * wy + dy + PAD, rx = 2 * wx + dx + PAD;
-          A acc[VEC];
-          const A* own = gzs + (ry * S + rx) * ch_block + cv * VEC;
+      for (int dx = 0; dx < 2; ++dx) {
+        const int64_t i = 2 * oi + dy, j = 2 * oj + dx;
+        if (i >= g.height || j >= g.width) continue;
+        // region coordinates of the pixel: (2*wy + dy + PAD, 2*wx + dx + PAD)
+        const int ry = 2 * wy + dy + PAD, rx = 2 * wx + dx + PAD;
+        A acc[VEC];
+        const A* own = gzs + (ry * S + rx) * ch_block + cv * VEC;
 #pragma unroll
-          for (int q = 0; q < VEC; ++q) acc[q] = g.residual ? own[q] : A(0);
+        for (int q = 0; q < VEC; ++q) acc[q] = g.residual ? own[q] : A(0);
 #pragma unroll
-          for (int u = 0; u < KSIZE; ++u) {
+        for (int u = 0; u < KSIZE; ++u) {
 #pragma unroll
-            for (int v = 0; v < KSIZE; ++v) {
-              const A* gz = gzs + ((ry - u + PAD) * S + rx - v + PAD) * ch_block + cv * VEC;
-              const A* w = ws + (u * KSIZE + v) * ch_block + cv * VEC;
+          for (int v = 0; v < KSIZE; ++v) {
+            const A* gz = gzs + ((ry - u + PAD) * S + rx - v + PAD) * ch_block + cv * VEC;
+            const A* w = ws + (u * KSIZE + v) * ch_block + cv * VEC;
 #pragma unroll
-              for (int q = 0; q < VEC; ++q) acc[q] += w[q] * gz[q];
-            }
+            for (int q = 0; q < VEC; ++q) acc[q] += w[q] * gz[q];
           }
-          Vec<T, VEC> out;
-#pragma unroll
-          for (int q = 0; q < VEC; ++q) out.v[q] = store_acc<T>(acc[q]);
-          *reinterpret_cast<Vec<T, VEC>*>(gx + (i * g.width + j) * g.channels) = out;
         }
+        Vec<T, VEC> out;
+#pragma unroll
+        for (int q = 0; q < VEC; ++q) out.v[q] = store_acc<T>(acc[q]);
+        *reinterpret_cast<Vec<T, VEC>*>(gx + (i * g.width + j) * g.channels) = out;
       }
     }
   }

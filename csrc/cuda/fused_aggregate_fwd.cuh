@@ -21,20 +21,17 @@ __global__ void fused_aggregate_fwd_kernel(FwdParams p, Tiling t) {
   const int S = t.cols(KSIZE);
   const int ch_block = t.cv * VEC;
   SAEP_DYNAMIC_SMEM(smem);
-  const SmemLayout L = smem_layout(g, t.th, t.tw, t.cv, VEC, false);
-  Vec<T, VEC>* xs = reinterpret_cast<Vec<T, VEC>*>(smem + L.x);
-  A* ws = reinterpret_cast<A*>(smem + L.w);
-  stage_x<T, VEC>(p.x, g, t, bp, xs);
-  stage_weights<A>(p.weight, g, t, bp, ws);
+  const BlockSmem<T, VEC> sm = block_smem<T, VEC>(smem, g, t, false);
+  const Vec<T, VEC>* xs = sm.xs;
+  const A* ws = sm.ws;
+  stage_x<T, VEC>(p.x, g, t, bp, sm.xs);
+  stage_weights<A>(p.weight, g, t, bp, sm.ws);
   __syncthreads();
 
-  const int cv = threadIdx.x % t.cv;
-  const int win = threadIdx.x / t.cv;
-  const int wy = win / t.tw, wx = win % t.tw;
-  const int64_t oi = bp.oi0 + wy, oj = bp.oj0 + wx;
-  const int64_t ch = bp.c0 + int64_t(cv) * VEC;
-  if (win >= t.th * t.tw || oi >= g.out_height() || oj >= g.out_width() || ch >= g.channels)
-    return;
+  const ThreadWindow tw = thread_window(g, t, bp, VEC);
+  if (!tw.active) return;
+  const int cv = tw.cv, wy = tw.wy, wx = tw.wx;
+  const int64_t oi = tw.oi, oj = tw.oj, ch = tw.ch;
   const WindowExtent ext = window_extent(g, oi, oj);
   const bool has_down = ext.rows == 2, has_right = ext.cols == 2;
 
