@@ -105,23 +105,29 @@ __device__ __forceinline__ ThreadWindow thread_window(const Geometry& g, const T
   return w;
 }
 
-// A block's shared memory (plan.h's SmemLayout): the staged x region, g_z over it (backward
-// only), the weights ws[tap][c].
+// A block: its coordinates, the width of its staged region, its channels and its shared
+// memory (plan.h's SmemLayout): the staged x region, g_z over it (backward only), the
+// weights ws[tap][c].
 template <typename T, int VEC>
-struct BlockSmem {
+struct Block {
   using A = typename AccOf<T>::type;
+  BlockPos pos;
+  int cols;      // pixels a row of the staged region: 2 * tw + k - 1
+  int ch_block;  // channels of the block: cv * VEC
   Vec<T, VEC>* xs;
   A* gz;
   A* ws;
 };
 
 template <typename T, int VEC>
-__device__ __forceinline__ BlockSmem<T, VEC> block_smem(unsigned char* smem, const Geometry& g,
-                                                        const Tiling& t, bool backward) {
+__device__ __forceinline__ Block<T, VEC> block_of(const Geometry& g, const Tiling& t,
+                                                  bool backward) {
   using A = typename AccOf<T>::type;
+  SAEP_DYNAMIC_SMEM(smem);
   const SmemLayout L = smem_layout(g, t.th, t.tw, t.cv, VEC, backward);
-  return BlockSmem<T, VEC>{reinterpret_cast<Vec<T, VEC>*>(smem + L.x),
-                           reinterpret_cast<A*>(smem + L.gz), reinterpret_cast<A*>(smem + L.w)};
+  return Block<T, VEC>{block_pos(t), t.cols(g.ksize), t.cv * VEC,
+                       reinterpret_cast<Vec<T, VEC>*>(smem + L.x),
+                       reinterpret_cast<A*>(smem + L.gz), reinterpret_cast<A*>(smem + L.w)};
 }
 
 // Element idx of a block's staged region: S pixels a row from input row 2*oi0 - pad and

@@ -18,16 +18,13 @@ __global__ void fused_aggregate_bwd_kernel(BwdParams p, Tiling t) {
   using A = typename AccOf<T>::type;
   constexpr int PAD = KSIZE / 2;
   const Geometry& g = p.g;
-  const BlockPos bp = block_pos(t);
-  const int R = t.rows(KSIZE), S = t.cols(KSIZE);
-  const int ch_block = t.cv * VEC;
-  const int64_t kc = g.kc();
-  const int64_t wo = g.out_width();
-  SAEP_DYNAMIC_SMEM(smem);
-  const BlockSmem<T, VEC> sm = block_smem<T, VEC>(smem, g, t, true);
-  Vec<T, VEC>* xs = sm.xs;
-  A* gzs = sm.gz;  // [R*S][ch_block]
-  A* ws = sm.ws;
+  const Block<T, VEC> blk = block_of<T, VEC>(g, t, /*backward=*/true);
+  const BlockPos& bp = blk.pos;
+  const int R = t.rows(KSIZE), S = blk.cols, ch_block = blk.ch_block;
+  const int64_t kc = g.kc(), wo = g.out_width();
+  Vec<T, VEC>* xs = blk.xs;
+  A* gzs = blk.gz;  // [R*S][ch_block]
+  A* ws = blk.ws;
   const bool need_x = p.grad_x[0] != nullptr;
   const bool need_w = p.grad_w_part != nullptr, need_b = p.grad_b_part != nullptr;
 

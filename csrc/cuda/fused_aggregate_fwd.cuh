@@ -15,21 +15,15 @@ namespace cuda {
 template <typename T, int VEC, int KSIZE>
 __global__ void fused_aggregate_fwd_kernel(FwdParams p, Tiling t) {
   using A = typename AccOf<T>::type;
-  constexpr int PAD = KSIZE / 2;
   const Geometry& g = p.g;
-  const BlockPos bp = block_pos(t);
-  const int S = t.cols(KSIZE);
-  const int ch_block = t.cv * VEC;
-  SAEP_DYNAMIC_SMEM(smem);
-  const BlockSmem<T, VEC> sm = block_smem<T, VEC>(smem, g, t, false);
-  const Vec<T, VEC>* xs = sm.xs;
-  const A* ws = sm.ws;
-  stage_x<T, VEC>(p.x, g, t, bp, sm.xs);
-  stage_weights<A>(p.weight, g, t, bp, sm.ws);
+  const Block<T, VEC> blk = block_of<T, VEC>(g, t, /*backward=*/false);
+  stage_x<T, VEC>(p.x, g, t, blk.pos, blk.xs);
+  stage_weights<A>(p.weight, g, t, blk.pos, blk.ws);
   __syncthreads();
 
-  const ThreadWindow tw = thread_window(g, t, bp, VEC);
+  const ThreadWindow tw = thread_window(g, t, blk.pos, VEC);
   if (!tw.active) return;
+  const BlockPos& bp = blk.pos;
   const int cv = tw.cv, wy = tw.wy, wx = tw.wx;
   const int64_t oi = tw.oi, oj = tw.oj, ch = tw.ch;
   const WindowExtent ext = window_extent(g, oi, oj);
@@ -45,7 +39,7 @@ __global__ void fused_aggregate_fwd_kernel(FwdParams p, Tiling t) {
   for (int a = 0; a <= KSIZE; ++a) {
 #pragma unroll
     for (int e = 0; e <= KSIZE; ++e) {
-      const Vec<T, VEC> xv = xs[((2 * wy + a) * S + 2 * wx + e) * t.cv + cv];
+      const Vec<T, VEC> xv = blk.xs[((2 * wy + a) * blk.cols + 2 * wx + e) * t.cv + cv];
       A xf[VEC];
 #pragma unroll
       for (int i = 0; i < VEC; ++i) xf[i] = to_acc(xv.v[i]);
@@ -55,11 +49,11 @@ __global__ void fused_aggregate_fwd_kernel(FwdParams p, Tiling t) {
         for (int dx = 0; dx < 2; ++dx) {
           const int u = a - dy, v = e - dx;  // compile-time after unrolling
           if (u >= 0 && u < KSIZE && v >= 0 && v < KSIZE) {
-            const A* w = ws + (u * KSIZE + v) * ch_block + cv * VEC;
+            const A* w = blk.ws + (u * KSIZE + v) * blk.ch_block + cv * VEC;
 #pragma unroll
             for (int i = 0; i < VEC; ++i) acc[dy * 2 + dx][i] += w[i] * xf[i];
           }
-          if (g.residual && u == PAD && v == PAD) {
+          if (g.residual && u == KSIZE / 2 && v == KSIZE / 2) {
 #pragma unroll
             for (int i = 0; i < VEC; ++i) acc[dy * 2 + dx][i] += xf[i];
           }
