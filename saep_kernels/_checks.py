@@ -152,5 +152,5 @@ def check_inputs(
             )
 
     height, width = resolve_grid(grid, tokens, num_prefix_tokens)
-    return AggregateSpec.of(hidden_states, weight, height, width, num_prefix_tokens, residual,
-                            pool)
+    return AggregateSpec.of(hidden_states, weight, height=height, width=width,
+                            num_prefix_tokens=num_prefix_tokens, residual=residual, pool=pool)

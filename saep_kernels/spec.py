@@ -69,13 +69,12 @@ class AggregateSpec:
     kernel_size: IntLike  # k
 
     @classmethod
-    def of(cls, hidden_states: Sequence[torch.Tensor], weight: torch.Tensor, height, width,
-           num_prefix_tokens, residual: bool, pool: str) -> "AggregateSpec":
-        """The spec of already checked arguments (the op's arguments in their schema order
-        after the tensors)."""
+    def of(cls, hidden_states: Sequence[torch.Tensor], weight: torch.Tensor, *op_args,
+           **named_op_args) -> "AggregateSpec":
+        """The spec of already checked arguments: the tensors, then the argument fields (in
+        schema order, or by name)."""
         batch, tokens, channels = hidden_states[0].shape
-        return cls(height=height, width=width, num_prefix_tokens=num_prefix_tokens,
-                   residual=residual, pool=pool, batch=batch, tokens=tokens, channels=channels,
+        return cls(*op_args, **named_op_args, batch=batch, tokens=tokens, channels=channels,
                    num_layers=len(hidden_states), kernel_size=weight.shape[-1])
 
     def op_args(self) -> tuple:
