@@ -68,7 +68,8 @@ def _extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         ext = CUDAExtension(
             "saep_kernels._C",
-            sources + ["csrc/binding_cuda.cpp", "csrc/cuda/fused_aggregate_cuda.cu"],
+            sources + ["csrc/binding_cuda.cpp", "csrc/cuda/fused_aggregate_fwd.cu",
+                       "csrc/cuda/fused_aggregate_bwd.cu"],
             define_macros=[("SAEP_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=link,

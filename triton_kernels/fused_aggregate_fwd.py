@@ -1,9 +1,16 @@
 """Forward Triton kernel of the fused op (see ``shared.py`` for the layout and the tiling).
 
-Each window needs the (k+1) x (k+1) input patch rows ``2*oi-p .. 2*oi+1+p``; every patch
-element is loaded once and feeds the four conv outputs of the window (four accumulators), so
-partial windows of odd grids are exact (the out-of-grid accumulators are simply left out of
-the average / max). Max pooling can store the argmax (window position 0..3) for the backward.
+Each thread computes a window's pooled value for its channels; the kernels' taps and the
+window's positions are runtime loops (``shared.py``: registers). Partial windows of odd grids
+(last row/column) leave their out-of-grid positions out of the average / max.
+
+avg: the conv, the residual and the 2x2 average are one stride-2 (k+1)x(k+1) conv (docs/op.md
+section 4): each patch element x[2oi + a - p, 2oj + e - p] is loaded once and multiplied by the
+folded tap, the sum of the kernel's taps (a - dy, e - dx) over the window's in-grid positions
+(dy, dx) (plus the residual's identity), divided by their count at the end.
+max: the window's positions one after another, each a kxk conv (the residual its centre tap),
+kept when larger than the best so far; the argmax (window position 0..3) is saved for the
+backward when asked.
 """
 
 from __future__ import annotations
@@ -14,15 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .shared import (LaunchConfig, acc_dtype, conv_tap, launch_config, pick, program_tile,
+from .shared import (LaunchConfig, acc_dtype, launch_config, pick, program_tile, tap,
                      window_extent, x_tile)
-
-
-@triton.jit
-def _take_max(best, code, z, idx: tl.constexpr):
-    """Running max in window order 00, 01, 10, 11; NaN wins (as in torch.max_pool2d)."""
-    upd = (z > best) | (z != z)
-    return tl.where(upd, z, best), tl.where(upd, idx, code)
 
 
 @triton.jit
@@ -30,7 +30,7 @@ def fused_aggregate_fwd_kernel(
     x_ptrs, x_stride_b, x_stride_t,
     w_ptr, bias_ptr,
     out_ptr, argmax_ptr,
-    C, H, W, OW, n_windows, prefix,
+    C, H, W, OW, n_windows, prefix, ksize,
     KSIZE: tl.constexpr, NUM_LAYERS: tl.constexpr,
     HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, POOL_MAX: tl.constexpr,
     SAVE_ARGMAX: tl.constexpr, ACC: tl.constexpr,
@@ -44,38 +44,41 @@ def fused_aggregate_fwd_kernel(
     base = pick(x_ptrs, layer, NUM_LAYERS) + b * pick(x_stride_b, layer, NUM_LAYERS)
     stride_t = pick(x_stride_t, layer, NUM_LAYERS)
 
-    # The (k+1) x (k+1) patch of each window, each element loaded once, feeds the window's
-    # four conv outputs z[2oi+dy, 2oj+dx] through tap (a - dy, e - dx).
-    acc00 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-    acc01 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-    acc10 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-    acc11 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-    for a in tl.static_range(KSIZE + 1):
-        row = 2 * oi + (a - PAD)
-        for e in tl.static_range(KSIZE + 1):
-            col = 2 * oj + (e - PAD)
-            xv = x_tile(base, stride_t, prefix, row, col, H, W, c, p_mask, c_mask, ACC)
-            acc00 = conv_tap(acc00, xv, w_ptr, wc, c_mask, KC, a, e, KSIZE, RESIDUAL, ACC)
-            acc01 = conv_tap(acc01, xv, w_ptr, wc, c_mask, KC, a, e - 1, KSIZE, RESIDUAL, ACC)
-            acc10 = conv_tap(acc10, xv, w_ptr, wc, c_mask, KC, a - 1, e, KSIZE, RESIDUAL, ACC)
-            acc11 = conv_tap(acc11, xv, w_ptr, wc, c_mask, KC, a - 1, e - 1, KSIZE, RESIDUAL,
-                             ACC)
-
-    # Positions of a partial window (odd H or W) outside the grid take no part in the pool.
     if POOL_MAX:
-        neg_inf = float("-inf")
-        best = acc00
+        best = tl.full([BLOCK_P, BLOCK_C], float("-inf"), dtype=ACC)
         code = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.int32)
-        best, code = _take_max(best, code, tl.where(has_right[:, None], acc01, neg_inf), 1)
-        best, code = _take_max(best, code, tl.where(has_down[:, None], acc10, neg_inf), 2)
-        best, code = _take_max(best, code,
-                               tl.where((has_down & has_right)[:, None], acc11, neg_inf), 3)
+        # window order 00, 01, 10, 11; a NaN wins, as in torch.max_pool2d
+        for d in tl.range(4, loop_unroll_factor=1):
+            dy = d // 2
+            dx = d % 2
+            z = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+            for t in tl.range(ksize * ksize, loop_unroll_factor=1):
+                u = t // KSIZE
+                v = t % KSIZE
+                xv = x_tile(base, stride_t, prefix, 2 * oi + dy + u - PAD,
+                            2 * oj + dx + v - PAD, H, W, c, p_mask, c_mask, ACC)
+                w = tap(w_ptr, wc, c_mask, KC, u, v, KSIZE, RESIDUAL)
+                z += xv * w.to(ACC)[None, :]
+            in_window = ((dy == 0) | has_down) & ((dx == 0) | has_right)
+            take = in_window[:, None] & ((z > best) | (z != z))
+            best = tl.where(take, z, best)
+            code = tl.where(take, d, code)
         y = best
     else:
-        s = acc00 + tl.where(has_right[:, None], acc01, 0.0)
-        s += tl.where(has_down[:, None], acc10, 0.0)
-        s += tl.where((has_down & has_right)[:, None], acc11, 0.0)
-        y = s / count.to(ACC)[:, None]
+        hd = has_down.to(ACC)[:, None]
+        hr = has_right.to(ACC)[:, None]
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+        for t in tl.range((ksize + 1) * (ksize + 1), loop_unroll_factor=1):
+            a = t // (KSIZE + 1)
+            e = t % (KSIZE + 1)
+            xv = x_tile(base, stride_t, prefix, 2 * oi + a - PAD, 2 * oj + e - PAD, H, W, c,
+                        p_mask, c_mask, ACC)
+            w00 = tap(w_ptr, wc, c_mask, KC, a, e, KSIZE, RESIDUAL).to(ACC)[None, :]
+            w01 = tap(w_ptr, wc, c_mask, KC, a, e - 1, KSIZE, RESIDUAL).to(ACC)[None, :]
+            w10 = tap(w_ptr, wc, c_mask, KC, a - 1, e, KSIZE, RESIDUAL).to(ACC)[None, :]
+            w11 = tap(w_ptr, wc, c_mask, KC, a - 1, e - 1, KSIZE, RESIDUAL).to(ACC)[None, :]
+            acc += xv * (w00 + hr * (w01 + hd * w11) + hd * w10)
+        y = acc / count.to(ACC)[:, None]
     if HAS_BIAS:
         y += tl.load(bias_ptr + wc, mask=c_mask, other=0.0).to(ACC)[None, :]
 
@@ -86,18 +89,31 @@ def fused_aggregate_fwd_kernel(
         tl.store(argmax_ptr + offs, code.to(tl.uint8), mask=io_mask)
 
 
-# Forward tiles tried on first use of each problem shape. The key holds no batch size: one
-# tuning serves every batch (and the forward's result does not depend on the tiles: each
-# output is the same sum in the same order).
-FWD_AUTOTUNE_CONFIGS = [
-    triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
-    for p, c, w in [(16, 64, 4), (32, 64, 4), (32, 128, 4), (64, 64, 4), (64, 128, 8),
-                    (16, 128, 4), (32, 32, 2), (64, 32, 4), (128, 64, 8)]
-]
+# Forward tiles tried on first use of each problem shape (windows, channels, warps). The key
+# holds no batch size: one tuning serves every batch (and the result does not depend on the
+# tiles: each output is the same sum in the same order). A problem tries the tiles that give a
+# thread one 16-byte vector of its dtype (``one_vector_per_thread``): more would take a
+# thread past 64 registers (scripts/gpu_resources.py).
+FWD_TILES = [(8, 32, 2), (8, 64, 2), (16, 32, 2), (8, 64, 4), (16, 32, 4), (16, 64, 4),
+             (8, 128, 4), (32, 32, 4), (8, 128, 8), (16, 64, 8), (32, 64, 8), (16, 128, 8)]
+FWD_AUTOTUNE_CONFIGS = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
+                        for p, c, w in FWD_TILES]
+
+
+def one_vector_per_thread(block_p: int, block_c: int, num_warps: int, element_size: int) -> bool:
+    return block_p * block_c * element_size == 16 * 32 * num_warps
+
+
+def _prune_configs(configs, named_args, **_):
+    size = named_args["out_ptr"].element_size()
+    return [cfg for cfg in configs if one_vector_per_thread(
+        cfg.kwargs["BLOCK_P"], cfg.kwargs["BLOCK_C"], cfg.num_warps, size)]
+
 
 fused_aggregate_fwd_autotuned = triton.autotune(
     configs=FWD_AUTOTUNE_CONFIGS,
     key=["C", "n_windows", "OW", "KSIZE", "NUM_LAYERS", "POOL_MAX", "SAVE_ARGMAX"],
+    prune_configs_by={"early_config_prune": _prune_configs},
 )(fused_aggregate_fwd_kernel)
 
 
@@ -116,7 +132,7 @@ def fwd_launch(spec, layers: Sequence[torch.Tensor], weight: torch.Tensor,
         weight, bias if bias is not None else weight,
         out, argmax if argmax is not None else out,
         spec.channels, spec.height, spec.width, spec.out_width, spec.out_tokens,
-        spec.num_prefix_tokens,
+        spec.num_prefix_tokens, spec.kernel_size,
     )
     consts = dict(
         KSIZE=spec.kernel_size, NUM_LAYERS=spec.num_layers, HAS_BIAS=bias is not None,
@@ -135,13 +151,14 @@ def fused_aggregate_fwd(spec, layers: Sequence[torch.Tensor], weight: torch.Tens
     """Write ``out`` [B, Ho*Wo, K*C] (and ``argmax``, uint8 of the same shape, when given).
 
     ``layers``: channel stride 1; ``weight``: [k*k, K*C] and ``bias``: [K*C] in the compute
-    dtype, contiguous. ``autotune``: pick the tiles by autotuning (on a GPU), else the fixed
-    ``launch_config``.
+    dtype, contiguous. ``autotune``: pick the tiles by autotuning (on a GPU; fp64 takes the
+    fixed tiles), else the fixed ``launch_config``.
     """
-    if autotune:
+    size = layers[0].element_size()
+    if autotune and any(one_vector_per_thread(*tile, size) for tile in FWD_TILES):
         grid, args, consts = fwd_launch(spec, layers, weight, bias, out, argmax, None)
         fused_aggregate_fwd_autotuned[grid](*args, **consts)
         return
-    cfg = launch_config(spec.out_tokens, spec.channels)
+    cfg = launch_config(spec.out_tokens, spec.channels, size)
     grid, args, consts = fwd_launch(spec, layers, weight, bias, out, argmax, cfg)
     fused_aggregate_fwd_kernel[grid](*args, **consts, num_warps=cfg.num_warps)

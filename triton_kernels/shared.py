@@ -9,9 +9,19 @@ l, and
     z = dwconv_k(x) + bias (+ x if residual),     y = pool_2x2_ceil(z)   -> [B, Ho*Wo, K*C]
 
 Tiling: a program owns BLOCK_P pooling windows (flattened ``oi*Wo + oj``) of one image and
-BLOCK_C channels of one layer. Tiles are channel-contiguous so loads and stores coalesce (and
-vectorise: the channel stride is 1). All offsets are int64. The weight comes tap-major,
-``w[(u*k + v) * K*C + l*C + c]`` in the compute dtype, so a tap's channels are contiguous.
+BLOCK_C channels of one layer. Tiles are channel-contiguous so loads and stores coalesce and
+vectorise (the channel stride is 1): the default tiles give each thread one window and 16
+bytes of channels (8 x bf16/fp16, 4 x fp32). All offsets are int64. The weight comes
+tap-major, ``w[(u*k + v) * K*C + l*C + c]`` in the compute dtype, so a tap's channels are
+contiguous.
+
+Registers. The loops over the kernel's taps are runtime loops: one flat loop over the taps
+whose trip count comes from ``ksize``, the kernel size passed again as a runtime value, with
+``loop_unroll_factor=1`` (a loop with a constant trip count is unrolled by LLVM all the same).
+Unrolled, the compiler issues every tap's loads up front and a thread holds them all (180-255
+registers and spills at k=7); as a loop, a thread holds one tap's operands and its
+accumulators, and the forward's tiles stay within 64 registers (half the warps of an SM
+resident). ``scripts/gpu_resources.py`` checks this offline.
 """
 
 from __future__ import annotations
@@ -40,15 +50,16 @@ class LaunchConfig(NamedTuple):
     num_warps: int
 
 
-def launch_config(n_windows: int, channels: int, interpret: Optional[bool] = None) -> LaunchConfig:
-    """Tile sizes for a problem: a function of its shape only (never of the batch), so the
-    partial sums of the weight gradient, and hence its bits, are the same on every call."""
+def launch_config(n_windows: int, channels: int, element_size: int,
+                  interpret: Optional[bool] = None) -> LaunchConfig:
+    """Tile sizes for a problem of inputs with ``element_size`` bytes: 16 windows by 16 bytes
+    of channels a thread (4 warps), smaller for small problems. In the interpreter, which pays
+    per program and per op rather than per element, big tiles."""
     if interpret if interpret is not None else interpreting():
-        # The interpreter pays per program and per op, not per element: use big tiles.
         return LaunchConfig(min(triton.next_power_of_2(n_windows), 64),
                             min(triton.next_power_of_2(channels), 128), 1)
-    return LaunchConfig(min(triton.next_power_of_2(n_windows), 32),
-                        min(triton.next_power_of_2(channels), 64), 4)
+    return LaunchConfig(min(triton.next_power_of_2(n_windows), 16),
+                        min(triton.next_power_of_2(channels), 8 * 16 // element_size), 4)
 
 
 @triton.jit
@@ -80,7 +91,7 @@ def window_extent(oi, oj, H, W):
     last row/column of windows of an odd grid is partial (ceil mode)."""
     has_down = (2 * oi + 1) < H
     has_right = (2 * oj + 1) < W
-    return has_down, has_right, (1 + has_down.to(tl.int32)) * (1 + has_right.to(tl.int32))
+    return has_down, has_right, tl.where(has_down, 2, 1) * tl.where(has_right, 2, 1)
 
 
 @triton.jit
@@ -94,18 +105,11 @@ def x_tile(base, stride_t, prefix, row, col, H, W, c, p_mask, c_mask, ACC: tl.co
 
 
 @triton.jit
-def conv_tap(acc, xv, w_ptr, wc, c_mask, KC, u: tl.constexpr, v: tl.constexpr,
-             KSIZE: tl.constexpr, RESIDUAL: tl.constexpr, ACC: tl.constexpr):
-    """acc += w[u, v][wc] * xv when (u, v) is a tap of the kernel; + xv at the centre if
-    residual. (u, v) are compile-time constants: taps outside the kernel generate no code."""
-    if u >= 0:
-        if u < KSIZE:
-            if v >= 0:
-                if v < KSIZE:
-                    w = tl.load(w_ptr + (u * KSIZE + v) * KC + wc, mask=c_mask, other=0.0)
-                    acc += xv * w.to(ACC)[None, :]
+def tap(w_ptr, wc, c_mask, KC, u, v, KSIZE: tl.constexpr, RESIDUAL: tl.constexpr):
+    """Weight (u, v) of the tile's channels, zero when (u, v) is not a tap of the kernel; with
+    ``RESIDUAL``, plus 1 at the centre (the residual is the identity tap)."""
+    ok = (u >= 0) & (u < KSIZE) & (v >= 0) & (v < KSIZE)
+    w = tl.load(w_ptr + (u * KSIZE + v) * KC + wc, mask=tl.where(ok, c_mask, False), other=0.0)
     if RESIDUAL:
-        if u == KSIZE // 2:
-            if v == KSIZE // 2:
-                acc += xv
-    return acc
+        w += tl.where((u == KSIZE // 2) & (v == KSIZE // 2), 1.0, 0.0)
+    return w

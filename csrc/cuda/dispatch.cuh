@@ -1,6 +1,6 @@
 // saep-kernels CUDA kernels: the kernel instance for a problem (dtype, vector width, kernel
-// size), launched through a caller-given `launch` (a real launch in fused_aggregate_cuda.cu,
-// the CPU emulation in csrc/tests). No torch headers.
+// size), launched through a caller-given `launch` (`Launcher` on a GPU, the CPU emulation in
+// csrc/tests). No torch headers.
 #pragma once
 
 #include "fused_aggregate_bwd.cuh"
@@ -84,6 +84,28 @@ inline bool bwd_vector_ok(const BwdParams& p) {
   const int64_t strides[] = {p.gy_stride_b, p.gy_stride_t};
   return vector_ok(p.g, p.x, extra, n, strides, 2);
 }
+
+#if defined(__CUDACC__)
+// Launches a kernel instance on `stream` (0 on success, else a cudaError_t value).
+struct Launcher {
+  cudaStream_t stream;
+
+  template <typename Params>
+  int operator()(void (*kernel)(Params, Tiling), const Tiling& t, const Params& p) const {
+    if (t.grid_x == 0 || t.grid_y == 0 || t.grid_z == 0) return 0;  // empty batch
+    if (t.grid_y > 65535 || t.grid_z > 65535 || t.grid_x > 2147483647LL)
+      return int(cudaErrorInvalidConfiguration);
+    if (t.smem_bytes > 48 * 1024) {
+      cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             int(t.smem_bytes));
+      if (err != cudaSuccess) return int(err);
+    }
+    const dim3 grid(unsigned(t.grid_x), unsigned(t.grid_y), unsigned(t.grid_z));
+    kernel<<<grid, dim3(unsigned(t.threads)), size_t(t.smem_bytes), stream>>>(p, t);
+    return int(cudaGetLastError());
+  }
+};
+#endif  // __CUDACC__
 
 }  // namespace cuda
 }  // namespace saep

@@ -1,10 +1,10 @@
 // saep-kernels CUDA kernels: the API the torch binding calls. No CUDA or torch headers.
 //
 //   fused_aggregate_fwd.cuh / _bwd.cuh   the kernels, one file per direction
+//   fused_aggregate_fwd.cu / _bwd.cu     their launches
 //   device.cuh                           what they share on the device (numerics, staging)
 //   plan.h                               host-side tiling
-//   dispatch.cuh                         the kernel instance for a problem
-//   fused_aggregate_cuda.cu              the launches
+//   dispatch.cuh                         the kernel instance for a problem, the launcher
 #pragma once
 
 #include <cstdint>
