@@ -19,7 +19,7 @@ ARGS ?=
 CMAKE_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 REQUIRE_EXTENSION := $(if $(shell command -v $${CXX:-c++} 2>/dev/null),1,0)
 
-.PHONY: setup bench test cpp-test clean
+.PHONY: setup bench test cpp-test gpu-resources clean
 
 setup:
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -49,6 +49,13 @@ cpp-test:
 	cmake --build build/cmake-asan -j $(CMAKE_JOBS); \
 	ctest --test-dir build/cmake-asan --output-on-failure; \
 	rm -f build-cmake.log build-cmake-asan.log
+
+# Every GPU kernel variant a user can reach, compiled offline for sm_90 and sm_80 (no GPU;
+# a few minutes on 2 cores): registers, spills, shared memory, 16-byte accesses, occupancy.
+# `make test` checks the covering set (tests/test_gpu_resources.py).
+gpu-resources: setup
+	env -u TRITON_INTERPRET $(PYTHON) scripts/gpu_resources.py --all --arch 90 80 \
+		--markdown docs/gpu_resources.md
 
 clean:
 	rm -rf build dist *.egg-info saep_kernels/*.so .pytest_cache .hypothesis benchmarks/out build-cmake*.log

@@ -51,7 +51,7 @@ class Variant:
     """One compiled kernel: which kernel, at which options and tiles, for which GPU."""
 
     backend: str  # "triton" or "cuda"
-    kernel: str  # fwd, bwd_input, bwd_weight (triton); fwd, bwd (cuda)
+    kernel: str  # fwd, bwd_input, bwd_weight
     pool: str
     ksize: int
     dtype: str
@@ -278,13 +278,14 @@ def compile_cuda(direction: str, arch: int) -> List[tuple]:
         for name, spill in spills.items():
             demangled = subprocess.run(["c++filt", name], capture_output=True,
                                        text=True).stdout.strip()
-            m = re.search(r"kernel<([\w:]+), (\d+), (\d+)>", demangled)
-            dtype, vec, ksize = CUDA_TYPES[m.group(1)], int(m.group(2)), int(m.group(3))
+            m = re.search(r"fused_aggregate_(\w+)_kernel<([\w:]+), (\d+), (\d+)>", demangled)
+            kernel, dtype = m.group(1), CUDA_TYPES[m.group(2)]
+            vec, ksize = int(m.group(3)), int(m.group(4))
             res = cubin_resources(cubin, name, tools["cuobjdump"])
             res.spill_bytes = spill
             res.threads = CUDA_THREADS
             res.occupancy = occupancy(res.registers, res.threads, 0, arch)
-            rows.append((Variant("cuda", direction, "any", ksize, dtype, arch, f"vec={vec}"), res))
+            rows.append((Variant("cuda", kernel, "any", ksize, dtype, arch, f"vec={vec}"), res))
     return rows
 
 
@@ -308,7 +309,7 @@ def checks(rows: List[tuple]) -> List[str]:
         vectors = v.backend == "triton" or v.tile != "vec=1"
         if vectors and v.ksize > 1 and r.ld128 == 0:
             failed.append(f"{name}: no 16-byte global loads")
-        if vectors and v.kernel in ("fwd", "bwd", "bwd_input") and r.st128 == 0:
+        if vectors and v.kernel in ("fwd", "bwd_input") and r.st128 == 0:
             failed.append(f"{name}: no 16-byte global stores")
     return failed
 
@@ -328,17 +329,55 @@ def table_rows(rows: List[tuple]) -> List[List[str]]:
     return out
 
 
-def markdown(rows: List[tuple]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def _versions() -> str:
+    import triton
+
+    nvcc = _tools()["nvcc"]
+    release = ""
+    if nvcc:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+        release = re.search(r"release ([\d.]+)", out).group(1)
+    return f"triton {triton.__version__}" + (f", nvcc {release}" if release else "")
+
+
+def markdown(rows: List[tuple], failed: List[str]) -> str:
+    """The report: a summary line per (backend, kernel, arch), then every variant."""
+    lines = ["# GPU kernels: resources, compiled offline", "",
+             f"Written by `make gpu-resources` (`scripts/gpu_resources.py --all --arch 90 80`; "
+             f"{_versions()}). Each kernel is compiled as a user's call would compile it for the "
+             "llava15-7b shapes; the figures are read off the cubins (see the script). "
+             "Checks: no spills, forward occupancy >= 50%, 16-byte global accesses; "
+             f"{len(rows)} kernels, {len(failed)} failed.", "",
+             "| backend | kernel | arch | variants | registers | spills | smem (B) | occupancy |",
+             "|---|---|---|---|---|---|---|---|"]
+    groups: Dict[tuple, list] = {}
+    for v, r in rows:
+        groups.setdefault((v.backend, v.kernel, v.arch), []).append(r)
+    for (backend, kernel, arch), rs in groups.items():
+        ok = [r for r in rs if not r.error]
+        regs = f"{min(r.registers for r in ok)}-{max(r.registers for r in ok)}" if ok else "-"
+        spills = sum(r.local_ops + r.spill_bytes for r in ok)
+        occ = f"{min(r.occupancy for r in ok):.0%}-{max(r.occupancy for r in ok):.0%}" if ok else "-"
+        smem = max((r.shared for r in ok), default=0)
+        lines.append(f"| {backend} | {kernel} | sm_{arch} | {len(rs)} | {regs} | {spills} | "
+                     f"{smem} | {occ} |")
+    lines += ["", "Every variant (tiles: Triton windows x channels x warps; CUDA channels per "
+              "thread; the CUDA kernels take the pool mode at run time):", "",
+              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)]
+    if failed:
+        lines += ["", "Failed:", ""] + [f"- {f}" for f in failed]
     return "\n".join(lines) + "\n"
 
 
-def _collect(all_variants: bool, archs: List[int], jobs: int) -> List[tuple]:
-    variants = triton_variants(all_variants, archs)
+def collect(all_variants: bool, archs: List[int], backends=("triton", "cuda"),
+            jobs: int = 1) -> List[tuple]:
+    """[(Variant, Resources)] of the backends' kernels, compiled in ``jobs`` processes."""
+    variants = triton_variants(all_variants, archs) if "triton" in backends else []
     ctx = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        cuda = [pool.submit(compile_cuda, d, a) for a in archs for d in CUDA_SOURCES]
+        cuda = [pool.submit(compile_cuda, d, a) for a in archs for d in CUDA_SOURCES
+                if "cuda" in backends]
         triton_rows = list(zip(variants, pool.map(triton_resources, variants)))
         cuda_rows = [row for f in cuda for row in f.result()]
     return triton_rows + sorted(cuda_rows, key=lambda vr: dataclasses.astuple(vr[0]))
@@ -349,13 +388,15 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--all", action="store_true", help="every reachable variant (slow)")
     p.add_argument("--arch", type=int, nargs="+", default=[90], help="SM architectures")
+    p.add_argument("--backends", nargs="+", default=["triton", "cuda"],
+                   choices=["triton", "cuda"])
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--markdown", type=Path, help="write the table as markdown here")
     p.add_argument("--json", type=Path, help="write the rows and the failures as JSON here")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: this compiles real kernels")
-    rows = _collect(args.all, args.arch, args.jobs)
+    rows = collect(args.all, args.arch, args.backends, args.jobs)
     failed = checks(rows)
     widths = [max(len(c), *(len(r[i]) for r in table_rows(rows))) for i, c in enumerate(COLUMNS)]
     for cells in [COLUMNS] + table_rows(rows):
@@ -364,7 +405,7 @@ def main(argv=None) -> int:
     for f in failed:
         print("FAIL", f)
     if args.markdown:
-        args.markdown.write_text(markdown(rows))
+        args.markdown.write_text(markdown(rows, failed))
     if args.json:
         args.json.write_text(json.dumps({
             "rows": [dict(dataclasses.asdict(v), **dataclasses.asdict(r)) for v, r in rows],

@@ -14,8 +14,8 @@ second alone):
   each window, one after another, each a kxk transposed conv of g_z (runtime loops, as in the
   forward);
 * weight and bias gradients: a program owns an image, a block of channels and a layer, and
-  walks the image's windows in order; for each window position it loads x under all k*k taps
-  at once (a [taps, channels] tile, one row per tap) and accumulates g_z * x into a
+  walks the image's windows and their positions in order; for each it loads x under all k*k
+  taps at once (a [taps, channels] tile, one row per tap) and accumulates g_z * x into a
   [taps, channels] accumulator, so no reduction runs inside the loop. Each image writes one row
   of partial sums ([B, k*k, K*C] and [B, K*C]: the buffer grows with the batch, not with the
   tiles), which the caller sums in a fixed order: bitwise reproducible.
@@ -114,31 +114,33 @@ def fused_aggregate_bwd_weight_kernel(
     stride_t = pick(x_stride_t, layer, NUM_LAYERS)
     acc = tl.zeros([TAPS, BLOCK_C], dtype=ACC)
     bias_acc = tl.zeros([BLOCK_C], dtype=ACC)
-    for w in tl.range(n_windows, loop_unroll_factor=1):
+    # one runtime loop over (window, position) pairs, the window's g_y reloaded (from L1) for
+    # each of its four positions: a thread holds one x tile at a time
+    for q in tl.range(n_windows * 4, loop_unroll_factor=1):
+        w = q // 4
+        d = q % 4
         g = tl.load(gy_base + w * gy_stride_t + wc, mask=c_mask, other=0.0).to(ACC)
         if NEED_B:
-            bias_acc += g
+            bias_acc += tl.where(d == 0, g, 0.0)
         if NEED_W:
             oi = w // OW
             oj = w % OW
+            i = 2 * oi + d // 2
+            j = 2 * oj + d % 2
             if POOL_MAX:
                 code = tl.load(am_base + w * KC + wc, mask=c_mask, other=255)
+                gz = tl.where(code.to(tl.int32) == d, g, 0.0)
             else:
                 _, _, count = window_extent(oi, oj, H, W)
-                g = g / count.to(ACC)
-            for d in tl.range(4, loop_unroll_factor=1):
-                i = 2 * oi + d // 2
-                j = 2 * oj + d % 2
-                gz = tl.where((i < H) & (j < W), g, 0.0)  # a partial window's missing pixel
-                if POOL_MAX:
-                    gz = tl.where(code.to(tl.int32) == d, gz, 0.0)
-                rows = i + u - PAD
-                cols = j + v - PAD
-                ok = t_mask & (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
-                tok = (prefix + rows * W + cols).to(tl.int64)
-                xv = tl.load(x_base + tok[:, None] * stride_t + c[None, :],
-                             mask=ok[:, None] & c_mask[None, :], other=0.0).to(ACC)
-                acc += xv * gz[None, :]
+                gz = g / count.to(ACC)
+            gz = tl.where((i < H) & (j < W), gz, 0.0)  # a partial window's missing pixel
+            rows = i + u - PAD
+            cols = j + v - PAD
+            ok = t_mask & (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
+            tok = (prefix + rows * W + cols).to(tl.int64)
+            xv = tl.load(x_base + tok[:, None] * stride_t + c[None, :],
+                         mask=ok[:, None] & c_mask[None, :], other=0.0).to(ACC)
+            acc += xv * gz[None, :]
     if NEED_W:
         tl.store(gw_part_ptr + (b * (KSIZE * KSIZE) + t[:, None]) * KC + wc[None, :], acc,
                  mask=t_mask[:, None] & c_mask[None, :])

@@ -94,8 +94,8 @@ def fused_aggregate_fwd_kernel(
 # tiles: each output is the same sum in the same order). A problem tries the tiles that give a
 # thread one 16-byte vector of its dtype (``one_vector_per_thread``): more would take a
 # thread past 64 registers (scripts/gpu_resources.py).
-FWD_TILES = [(8, 32, 2), (8, 64, 2), (16, 32, 2), (8, 64, 4), (16, 32, 4), (16, 64, 4),
-             (8, 128, 4), (32, 32, 4), (8, 128, 8), (16, 64, 8), (32, 64, 8), (16, 128, 8)]
+FWD_TILES = [(8, 32, 2), (16, 32, 2), (8, 64, 4), (16, 32, 4), (16, 64, 4), (32, 32, 4),
+             (8, 128, 8), (16, 64, 8), (32, 64, 8), (16, 128, 8)]
 FWD_AUTOTUNE_CONFIGS = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
                         for p, c, w in FWD_TILES]
 

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "../fused_aggregate.h"
 #include "plan.h"
@@ -61,21 +62,76 @@ struct alignas(sizeof(T) * VEC) Vec {
   T v[VEC];
 };
 
+// 16 and 8 bytes to global memory in one access. The compiler splits a plain 16-byte store
+// of values it can see through (8 bf16 packed into a uint4 still became four 4-byte stores),
+// so on the GPU these are the PTX stores themselves.
+__device__ __forceinline__ void store16(void* dst, uint4 w) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(w.x), "r"(w.y),
+               "r"(w.z), "r"(w.w)
+               : "memory");
+#else
+  *static_cast<uint4*>(dst) = w;
+#endif
+}
+
+__device__ __forceinline__ void store8(void* dst, uint2 w) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(dst), "r"(w.x), "r"(w.y) : "memory");
+#else
+  *static_cast<uint2*>(dst) = w;
+#endif
+}
+
+// N bytes of registers to global memory in the widest accesses N allows (the destination is
+// aligned to them: 16 bytes for a channel vector), so a vector of 8 bf16 is one 128-bit store
+// and a vector's 8 argmax bytes one 64-bit store.
+template <int N>
+__device__ __forceinline__ void store_bytes(void* dst, const void* src) {
+  const unsigned char* s = static_cast<const unsigned char*>(src);
+  unsigned char* d = static_cast<unsigned char*>(dst);
+  if constexpr (N % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < N / 16; ++i) {
+      uint4 w;
+      memcpy(&w, s + 16 * i, 16);
+      store16(d + 16 * i, w);
+    }
+  } else if constexpr (N % 8 == 0) {
+#pragma unroll
+    for (int i = 0; i < N / 8; ++i) {
+      uint2 w;
+      memcpy(&w, s + 8 * i, 8);
+      store8(d + 8 * i, w);
+    }
+  } else {
+    memcpy(dst, src, N);
+  }
+}
+
+// A channel vector to global memory in one access (16 bytes, or one element).
+template <typename T, int VEC>
+__device__ __forceinline__ void store_vec(T* dst, const Vec<T, VEC>& v) {
+  static_assert(sizeof(T) * VEC == 16 || VEC == 1, "channel vectors are 16 bytes or one element");
+  store_bytes<sizeof(T) * VEC>(dst, &v);
+}
+
 // ------------------------------------------------------------------------------- the block
 
-// Block coordinates shared by both directions.
+// The coordinates of a tile of windows: its image, first window, layer and first channel.
 struct BlockPos {
-  int64_t b, oi0, oj0, part;
+  int64_t b, oi0, oj0;
   int layer;
   int64_t c0;  // first channel of the block within the layer
 };
 
-__device__ __forceinline__ BlockPos block_pos(const Tiling& t) {
+// Tile `index` = image * tiles + tile of the image (blockIdx.x for the kernels with a block
+// per tile); the layer and channel chunk from blockIdx.z and blockIdx.y.
+__device__ __forceinline__ BlockPos block_pos(const Tiling& t, int64_t index) {
   BlockPos bp;
   const int64_t tiles = t.tiles_h * t.tiles_w;
-  bp.part = blockIdx.x;
-  bp.b = int64_t(blockIdx.x) / tiles;
-  const int64_t tile = int64_t(blockIdx.x) % tiles;
+  bp.b = index / tiles;
+  const int64_t tile = index % tiles;
   bp.oi0 = (tile / t.tiles_w) * t.th;
   bp.oj0 = (tile % t.tiles_w) * t.tw;
   bp.layer = int(blockIdx.z);
@@ -105,9 +161,9 @@ __device__ __forceinline__ ThreadWindow thread_window(const Geometry& g, const T
   return w;
 }
 
-// A block: its coordinates, the width of its staged region, its channels and its shared
-// memory (plan.h's SmemLayout): the staged x region, g_z over it (backward only), the
-// weights ws[tap][c].
+// A block: its tile's coordinates, the width of its staged region, its channels and its
+// shared memory (plan.h's SmemLayout): the staged x region, g_z over it, the weights
+// ws[tap][c], those its kernel stages.
 template <typename T, int VEC>
 struct Block {
   using A = typename AccOf<T>::type;
@@ -121,11 +177,11 @@ struct Block {
 
 template <typename T, int VEC>
 __device__ __forceinline__ Block<T, VEC> block_of(const Geometry& g, const Tiling& t,
-                                                  bool backward) {
+                                                  Stage stage, int64_t tile_index) {
   using A = typename AccOf<T>::type;
   SAEP_DYNAMIC_SMEM(smem);
-  const SmemLayout L = smem_layout(g, t.th, t.tw, t.cv, VEC, backward);
-  return Block<T, VEC>{block_pos(t), t.cols(g.ksize), t.cv * VEC,
+  const SmemLayout L = smem_layout(g, t.th, t.tw, t.cv, VEC, stage);
+  return Block<T, VEC>{block_pos(t, tile_index), t.cols(g.ksize), t.cv * VEC,
                        reinterpret_cast<Vec<T, VEC>*>(smem + L.x),
                        reinterpret_cast<A*>(smem + L.gz), reinterpret_cast<A*>(smem + L.w)};
 }

@@ -35,11 +35,18 @@ inline bool vector_ok(const Geometry& g, const LayerPtrs& x, const void* const* 
 // vector width and kernel size. `launch`'s return value is passed back.
 template <typename T, int VEC, int KSIZE, typename Launch>
 int launch_instance(const FwdParams& p, Launch&& launch) {
-  return launch(fused_aggregate_fwd_kernel<T, VEC, KSIZE>, plan(p.g, VEC, false), p);
+  return launch(fused_aggregate_fwd_kernel<T, VEC, KSIZE>, plan(p.g, VEC, Stage::Forward), p);
 }
+// The backward's two kernels, each when its gradients are asked for.
 template <typename T, int VEC, int KSIZE, typename Launch>
 int launch_instance(const BwdParams& p, Launch&& launch) {
-  return launch(fused_aggregate_bwd_kernel<T, VEC, KSIZE>, plan(p.g, VEC, true), p);
+  int err = 0;
+  if (p.grad_x[0] != nullptr)
+    err = launch(fused_aggregate_bwd_input_kernel<T, VEC, KSIZE>,
+                 plan(p.g, VEC, Stage::InputGrad), p);
+  if (err == 0 && (p.grad_w_part != nullptr || p.grad_b_part != nullptr))
+    err = launch(fused_aggregate_bwd_weight_kernel<T, VEC, KSIZE>, plan_weight_grad(p.g, VEC), p);
+  return err;
 }
 
 template <typename T, int VEC, typename Params, typename Launch>
@@ -72,14 +79,16 @@ int dispatch(const Params& p, bool vector, Launch&& launch) {
 }
 
 inline bool fwd_vector_ok(const FwdParams& p) {
-  const void* extra[] = {p.out};
-  return vector_ok(p.g, p.x, extra, 1, nullptr, 0);
+  const void* extra[] = {p.out, p.argmax};
+  return vector_ok(p.g, p.x, extra, 2, nullptr, 0);
 }
 
 inline bool bwd_vector_ok(const BwdParams& p) {
-  const void* extra[kMaxLayers + 1];
+  const void* extra[kMaxLayers + 3];
   int n = 0;
   extra[n++] = p.grad_out;
+  extra[n++] = p.grad_w_part;
+  extra[n++] = p.grad_b_part;
   for (int l = 0; l < p.g.num_layers; ++l) extra[n++] = p.grad_x[l];
   const int64_t strides[] = {p.gy_stride_b, p.gy_stride_t};
   return vector_ok(p.g, p.x, extra, n, strides, 2);

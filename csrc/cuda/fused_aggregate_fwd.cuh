@@ -1,10 +1,16 @@
 // saep-kernels CUDA kernels: the forward kernel of the fused op (tiling: plan.h; staging and
 // numerics: device.cuh). No torch headers.
 //
-// Each thread computes one window for one channel vector: the (k+1)^2 staged pixels of the
-// window feed its four conv outputs (four accumulators); out-of-grid positions of partial
-// windows (odd grids) are left out of the average / max; the argmax (window position 0..3)
-// is saved for the backward when asked.
+// Each thread computes one window for one channel vector, from the block's staged region:
+//   avg: the conv, the residual and the 2x2 average are one stride-2 (k+1)x(k+1) conv
+//     (docs/op.md section 4): each staged pixel of the window's patch meets the folded tap, the
+//     sum of the kernel's taps over the window's in-grid positions (plus the residual's
+//     identity), and the sum is divided by their count;
+//   max: the window's in-grid positions one after another, each a kxk conv (the residual its
+//     centre tap), kept when larger than the best so far; the argmax (window position 0..3) is
+//     saved for the backward when asked.
+// The tap loops are not unrolled (#pragma unroll 1): unrolled, a thread holds every tap's
+// operands at once (120-150 registers for bf16); looped, it stays within 64 registers.
 #pragma once
 
 #include "device.cuh"
@@ -12,92 +18,99 @@
 namespace saep {
 namespace cuda {
 
+// Weight (u, v) of channel vector cv from the staged weights, zero when (u, v) is not a tap;
+// with the residual, plus 1 at the centre (the residual is the identity tap).
+template <typename A, int VEC, int KSIZE>
+__device__ __forceinline__ void staged_tap(const A* ws, int ch_block, int cv, int u, int v,
+                                           bool residual, A (&w)[VEC]) {
+  const bool tap = u >= 0 && u < KSIZE && v >= 0 && v < KSIZE;
+  const A* src = ws + (u * KSIZE + v) * ch_block + cv * VEC;
+  const A centre = residual && u == KSIZE / 2 && v == KSIZE / 2 ? A(1) : A(0);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) w[i] = (tap ? src[i] : A(0)) + centre;
+}
+
 template <typename T, int VEC, int KSIZE>
-__global__ void fused_aggregate_fwd_kernel(FwdParams p, Tiling t) {
+__global__ void __launch_bounds__(kMaxThreads) fused_aggregate_fwd_kernel(FwdParams p, Tiling t) {
   using A = typename AccOf<T>::type;
   const Geometry& g = p.g;
-  const Block<T, VEC> blk = block_of<T, VEC>(g, t, /*backward=*/false);
+  const Block<T, VEC> blk = block_of<T, VEC>(g, t, Stage::Forward, blockIdx.x);
   stage_x<T, VEC>(p.x, g, t, blk.pos, blk.xs);
   stage_weights<A>(p.weight, g, t, blk.pos, blk.ws);
   __syncthreads();
 
   const ThreadWindow tw = thread_window(g, t, blk.pos, VEC);
   if (!tw.active) return;
-  const BlockPos& bp = blk.pos;
-  const int cv = tw.cv, wy = tw.wy, wx = tw.wx;
-  const int64_t oi = tw.oi, oj = tw.oj, ch = tw.ch;
-  const WindowExtent ext = window_extent(g, oi, oj);
-  const bool has_down = ext.rows == 2, has_right = ext.cols == 2;
+  const int cv = tw.cv;
+  const WindowExtent ext = window_extent(g, tw.oi, tw.oj);
+  // staged pixel (r, c) of this thread's window patch: region row 2*wy + r, column 2*wx + c
+  auto pixel = [&](int r, int c, A (&xf)[VEC]) {
+    const Vec<T, VEC> xv = blk.xs[((2 * tw.wy + r) * blk.cols + 2 * tw.wx + c) * t.cv + cv];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) xf[i] = to_acc(xv.v[i]);
+  };
 
-  A acc[4][VEC];
-#pragma unroll
-  for (int q = 0; q < 4; ++q)
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) acc[q][i] = A(0);
-
-#pragma unroll
-  for (int a = 0; a <= KSIZE; ++a) {
-#pragma unroll
-    for (int e = 0; e <= KSIZE; ++e) {
-      const Vec<T, VEC> xv = blk.xs[((2 * wy + a) * blk.cols + 2 * wx + e) * t.cv + cv];
-      A xf[VEC];
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) xf[i] = to_acc(xv.v[i]);
-#pragma unroll
-      for (int dy = 0; dy < 2; ++dy) {
-#pragma unroll
-        for (int dx = 0; dx < 2; ++dx) {
-          const int u = a - dy, v = e - dx;  // compile-time after unrolling
-          if (u >= 0 && u < KSIZE && v >= 0 && v < KSIZE) {
-            const A* w = blk.ws + (u * KSIZE + v) * blk.ch_block + cv * VEC;
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) acc[dy * 2 + dx][i] += w[i] * xf[i];
-          }
-          if (g.residual && u == KSIZE / 2 && v == KSIZE / 2) {
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) acc[dy * 2 + dx][i] += xf[i];
-          }
-        }
-      }
-    }
-  }
-
-  const int64_t o = (bp.b * g.windows() + oi * g.out_width() + oj) * g.kc() +
-                    int64_t(bp.layer) * g.channels + ch;
-  const A* bias = static_cast<const A*>(p.bias);
-  Vec<T, VEC> y;
+  A y[VEC];
   uint8_t code[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    const A b = bias ? bias[bp.layer * g.channels + ch + i] : A(0);
-    A r;
-    if (g.pool == Pool::Max) {
-      // window order 00, 01, 10, 11; NaN wins, as in torch.max_pool2d
-      A best = acc[0][i];
-      uint8_t c = 0;
-      if (has_right && (acc[1][i] > best || acc[1][i] != acc[1][i])) { best = acc[1][i]; c = 1; }
-      if (has_down && (acc[2][i] > best || acc[2][i] != acc[2][i])) { best = acc[2][i]; c = 2; }
-      if (has_down && has_right && (acc[3][i] > best || acc[3][i] != acc[3][i])) {
-        best = acc[3][i];
-        c = 3;
-      }
-      r = best;
-      code[i] = c;
-    } else {
-      A s = acc[0][i];
-      if (has_right) s += acc[1][i];
-      if (has_down) s += acc[2][i];
-      if (has_down && has_right) s += acc[3][i];
-      r = s / A(ext.count());
-      code[i] = 0;
-    }
-    y.v[i] = store_acc<T>(r + b);
+    y[i] = A(0);
+    code[i] = 0;
   }
-  *reinterpret_cast<Vec<T, VEC>*>(static_cast<T*>(p.out) + o) = y;
-  if (p.argmax != nullptr) {
+  if (g.pool == Pool::Max) {
+    // window order 00, 01, 10, 11; NaN wins, as in torch.max_pool2d
+#pragma unroll 1
+    for (int d = 0; d < 4; ++d) {
+      const int dy = d >> 1, dx = d & 1;
+      if (dy >= ext.rows || dx >= ext.cols) continue;  // partial window of an odd grid
+      A z[VEC];
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) p.argmax[o + i] = code[i];
+      for (int i = 0; i < VEC; ++i) z[i] = A(0);
+#pragma unroll 1
+      for (int tap = 0; tap < KSIZE * KSIZE; ++tap) {
+        const int u = tap / KSIZE, v = tap % KSIZE;
+        A xf[VEC], w[VEC];
+        pixel(dy + u, dx + v, xf);
+        staged_tap<A, VEC, KSIZE>(blk.ws, blk.ch_block, cv, u, v, g.residual, w);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) z[i] += w[i] * xf[i];
+      }
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        if (d == 0 || z[i] > y[i] || z[i] != z[i]) {
+          y[i] = z[i];
+          code[i] = uint8_t(d);
+        }
+      }
+    }
+  } else {
+    const A hd = ext.rows == 2 ? A(1) : A(0), hr = ext.cols == 2 ? A(1) : A(0);
+#pragma unroll 1
+    for (int pe = 0; pe < (KSIZE + 1) * (KSIZE + 1); ++pe) {
+      const int a = pe / (KSIZE + 1), e = pe % (KSIZE + 1);
+      A xf[VEC], w00[VEC], w01[VEC], w10[VEC], w11[VEC];
+      pixel(a, e, xf);
+      staged_tap<A, VEC, KSIZE>(blk.ws, blk.ch_block, cv, a, e, g.residual, w00);
+      staged_tap<A, VEC, KSIZE>(blk.ws, blk.ch_block, cv, a, e - 1, g.residual, w01);
+      staged_tap<A, VEC, KSIZE>(blk.ws, blk.ch_block, cv, a - 1, e, g.residual, w10);
+      staged_tap<A, VEC, KSIZE>(blk.ws, blk.ch_block, cv, a - 1, e - 1, g.residual, w11);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i)
+        y[i] += xf[i] * (w00[i] + hr * (w01[i] + hd * w11[i]) + hd * w10[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) y[i] /= A(ext.count());
   }
+
+  const int64_t o = (blk.pos.b * g.windows() + tw.oi * g.out_width() + tw.oj) * g.kc() +
+                    int64_t(blk.pos.layer) * g.channels + tw.ch;
+  const A* bias = p.bias ? static_cast<const A*>(p.bias) + blk.pos.layer * g.channels + tw.ch
+                         : nullptr;
+  Vec<T, VEC> out;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out.v[i] = store_acc<T>(y[i] + (bias ? bias[i] : A(0)));
+  store_vec(static_cast<T*>(p.out) + o, out);
+  if (p.argmax != nullptr) store_bytes<VEC>(p.argmax + o, code);
 }
 
 }  // namespace cuda

@@ -4,7 +4,9 @@
 // channels (16 bytes: 8 x bf16/fp16, 4 x fp32, 2 x fp64; or one channel when the tensors do
 // not allow 16-byte vectors) of one layer. Its input region is the (2*TH + k - 1) x
 // (2*TW + k - 1) pixel patch of the tile (the tile's pixels plus the conv halo), staged in
-// shared memory with the block's k*k weights (and, in the backward, g_z over the region).
+// shared memory with what the kernel reads there (Stage): the forward x and the block's k*k
+// weights, the input-gradient kernel g_z and the weights, the weight-gradient kernel x and g_z.
+// The weight-gradient kernel's block walks all the tiles of its image (plan_weight_grad).
 #pragma once
 
 #include <cstdint>
@@ -13,6 +15,13 @@
 
 namespace saep {
 namespace cuda {
+
+// Threads of a block, at most (the kernels' __launch_bounds__).
+constexpr int kMaxThreads = 256;
+// (tap, channel vector) work items a thread of the weight-gradient kernel accumulates.
+constexpr int kMaxItems = 2;
+
+enum class Stage : int32_t { Forward, InputGrad, WeightGrad };
 
 struct Tiling {
   int th, tw;          // windows per block (rows, columns)
@@ -28,30 +37,31 @@ struct Tiling {
   SAEP_HD int cols(int ksize) const { return 2 * tw + ksize - 1; }
 };
 
-// Shared memory of a block: the staged x region, the g_z region (backward), the weights;
-// each part starts 16-byte aligned.
+// Shared memory of a block: the staged x region, the g_z region, the weights, as its kernel
+// needs them (each part 16-byte aligned, absent parts empty).
 struct SmemLayout {
   int64_t x, gz, w, total;  // byte offsets and size
 };
 
 SAEP_HD int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
 
-SAEP_HD SmemLayout smem_layout(const Geometry& g, int th, int tw, int cv, int vec,
-                               bool backward) {
+SAEP_HD SmemLayout smem_layout(const Geometry& g, int th, int tw, int cv, int vec, Stage stage) {
   const int64_t esize = dtype_size(g.dtype), asize = compute_size(g.dtype);
   const int64_t pixels = int64_t(2 * th + g.ksize - 1) * (2 * tw + g.ksize - 1);
   const int64_t ch = int64_t(cv) * vec;
+  const bool x = stage != Stage::InputGrad, gz = stage != Stage::Forward,
+             w = stage != Stage::WeightGrad;
   SmemLayout L;
   L.x = 0;
-  L.gz = align16(pixels * ch * esize);
-  L.w = L.gz + (backward ? align16(pixels * ch * asize) : 0);
-  L.total = L.w + align16(int64_t(g.ksize) * g.ksize * ch * asize);
+  L.gz = x ? align16(pixels * ch * esize) : 0;
+  L.w = L.gz + (gz ? align16(pixels * ch * asize) : 0);
+  L.total = L.w + (w ? align16(int64_t(g.ksize) * g.ksize * ch * asize) : 0);
   return L;
 }
 
 // Tile shapes: up to 4 x 8 windows and ~128 threads per block, fewer channel vectors when
 // shared memory would pass 48 KiB (large k in the backward).
-inline Tiling plan(const Geometry& g, int vec, bool backward) {
+inline Tiling plan(const Geometry& g, int vec, Stage stage) {
   Tiling t{};
   const int64_t ho = g.out_height(), wo = g.out_width();
   t.tw = int(wo < 8 ? wo : 8);
@@ -66,7 +76,7 @@ inline Tiling plan(const Geometry& g, int vec, bool backward) {
   if (cv > cv_max) cv = cv_max;
   if (cv < 1) cv = 1;
   if (cv > vectors) cv = int(vectors);
-  while (cv > 1 && smem_layout(g, t.th, t.tw, cv, vec, backward).total > 48 * 1024) cv /= 2;
+  while (cv > 1 && smem_layout(g, t.th, t.tw, cv, vec, stage).total > 48 * 1024) cv /= 2;
   t.cv = cv;
   t.tiles_h = (ho + t.th - 1) / t.th;
   t.tiles_w = (wo + t.tw - 1) / t.tw;
@@ -74,13 +84,30 @@ inline Tiling plan(const Geometry& g, int vec, bool backward) {
   t.grid_y = (vectors + cv - 1) / cv;
   t.grid_z = g.num_layers;
   t.threads = windows * cv;
-  t.smem_bytes = smem_layout(g, t.th, t.tw, cv, vec, backward).total;
+  t.smem_bytes = smem_layout(g, t.th, t.tw, cv, vec, stage).total;
   return t;
 }
 
-// Rows of the backward's partial-sum buffers: one per (image, tile of windows). Tiles depend
-// on the grid alone (not on the vector width), so the count is known before dispatch.
-inline int64_t bwd_rows(const Geometry& g) { return plan(g, 1, true).grid_x; }
+// The weight-gradient kernel: one block per (image, channel chunk, layer) walks the image's
+// tiles; a thread accumulates at most kMaxItems (tap, channel vector) items (the k*k taps and
+// the bias), so a block has at least items / kMaxItems threads (fewer channel vectors when
+// that would pass kMaxThreads).
+inline Tiling plan_weight_grad(const Geometry& g, int vec) {
+  Tiling t = plan(g, vec, Stage::WeightGrad);
+  const int items_per_vector = g.ksize * g.ksize + 1;
+  while (t.cv > 1 && (items_per_vector * t.cv + kMaxItems - 1) / kMaxItems > kMaxThreads) t.cv /= 2;
+  const int64_t vectors = (g.channels + vec - 1) / vec;
+  const int needed = (items_per_vector * t.cv + kMaxItems - 1) / kMaxItems;
+  t.grid_x = g.batch;
+  t.grid_y = (vectors + t.cv - 1) / t.cv;
+  t.threads = t.th * t.tw * t.cv;
+  if (t.threads < needed) t.threads = (needed + 31) / 32 * 32;
+  t.smem_bytes = smem_layout(g, t.th, t.tw, t.cv, vec, Stage::WeightGrad).total;
+  return t;
+}
+
+// Rows of the backward's partial-sum buffers: one per image.
+inline int64_t bwd_rows(const Geometry& g) { return g.batch; }
 
 }  // namespace cuda
 }  // namespace saep

@@ -14,7 +14,7 @@ struct EmulatedLaunch {
   int operator()(void (*kernel)(Params, saep::cuda::Tiling), const saep::cuda::Tiling& t,
                  const Params& p) const {
     (t.vec > 1 ? vector_launches : scalar_launches)++;
-    if (t.threads > 1024 || t.smem_bytes > 48 * 1024) {
+    if (t.threads > saep::cuda::kMaxThreads || t.smem_bytes > 48 * 1024) {
       std::printf("  FAIL launch config: %d threads, %lld bytes of shared memory\n", t.threads,
                   (long long)t.smem_bytes);
       return 1;
