@@ -19,7 +19,7 @@ ARGS ?=
 CMAKE_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 REQUIRE_EXTENSION := $(if $(shell command -v $${CXX:-c++} 2>/dev/null),1,0)
 
-.PHONY: setup bench test cpp-test gpu-resources clean
+.PHONY: setup bench test cpp-test gpu-resources cuda-build-check clean
 
 setup:
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -56,6 +56,12 @@ cpp-test:
 gpu-resources: setup
 	env -u TRITON_INTERPRET $(PYTHON) scripts/gpu_resources.py --all --arch 90 80 \
 		--markdown docs/gpu_resources.md
+
+# The whole extension (CPU + CUDA kernels, sm_80/sm_90) built against the GPU image's torch
+# 2.11.0+cu130 with this machine's nvcc, then the CPU tests against that build (downloads
+# about 2.6 GB once into ~/.cache/saep-kernels; not part of CI).
+cuda-build-check:
+	bash scripts/cuda_build_check.sh $(ARGS)
 
 clean:
 	rm -rf build dist *.egg-info saep_kernels/*.so .pytest_cache .hypothesis benchmarks/out build-cmake*.log

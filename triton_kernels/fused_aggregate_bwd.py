@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .shared import acc_dtype, launch_config, pick, program_tile, tap, window_extent
+from .shared import (acc_dtype, aligned, channel_alignment, interpreting, launch_config, pick,
+                     program_tile, tap, trip_count, window_extent)
 
 
 @triton.jit
@@ -61,20 +62,24 @@ def fused_aggregate_bwd_input_kernel(
     C, H, W, OW, n_windows, prefix, ksize,
     KSIZE: tl.constexpr, NUM_LAYERS: tl.constexpr,
     RESIDUAL: tl.constexpr, POOL_MAX: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    CH_ALIGN: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     PAD: tl.constexpr = KSIZE // 2
+    C = aligned(C, CH_ALIGN)
     KC = NUM_LAYERS * C
+    gy_stride_t = aligned(gy_stride_t, CH_ALIGN)
     _, layer, b, p, c, p_mask, c_mask, oi, oj = program_tile(C, OW, n_windows, BLOCK_P, BLOCK_C)
     wc = layer * C + c
-    gy_base = gy_ptr + b * gy_stride_b
+    gy_base = gy_ptr + b * aligned(gy_stride_b, CH_ALIGN)
     am_base = argmax_ptr + b * n_windows * KC
-    gx_base = pick(gx_ptrs, layer, NUM_LAYERS) + b * gx_stride_b
+    gx_base = pick(gx_ptrs, layer, NUM_LAYERS) + b * aligned(gx_stride_b, CH_ALIGN)
     for d in tl.range(4, loop_unroll_factor=1):
         i = 2 * oi + d // 2
         j = 2 * oj + d % 2
         acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-        for t in tl.range(ksize * ksize, loop_unroll_factor=1):
+        for t in tl.range(trip_count(ksize * ksize, KSIZE * KSIZE, INTERPRET),
+                          loop_unroll_factor=1):
             u = t // KSIZE
             v = t % KSIZE
             gz = _grad_z(gy_base, gy_stride_t, am_base, i - u + PAD, j - v + PAD, wc, KC, H, W,
@@ -95,10 +100,13 @@ def fused_aggregate_bwd_weight_kernel(
     C, H, W, OW, n_windows, prefix,
     KSIZE: tl.constexpr, NUM_LAYERS: tl.constexpr, POOL_MAX: tl.constexpr,
     NEED_W: tl.constexpr, NEED_B: tl.constexpr, ACC: tl.constexpr,
-    TAPS: tl.constexpr, BLOCK_C: tl.constexpr,
+    CH_ALIGN: tl.constexpr, TAPS: tl.constexpr, BLOCK_C: tl.constexpr,
+    INTERPRET: tl.constexpr, N_WINDOWS: tl.constexpr,
 ):
     PAD: tl.constexpr = KSIZE // 2
+    C = aligned(C, CH_ALIGN)
     KC = NUM_LAYERS * C
+    gy_stride_t = aligned(gy_stride_t, CH_ALIGN)
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     layer = tl.program_id(2)
@@ -108,15 +116,16 @@ def fused_aggregate_bwd_weight_kernel(
     u = t // KSIZE
     v = t % KSIZE
     t_mask = t < KSIZE * KSIZE
-    gy_base = gy_ptr + b * gy_stride_b
+    gy_base = gy_ptr + b * aligned(gy_stride_b, CH_ALIGN)
     am_base = argmax_ptr + b * n_windows * KC
-    x_base = pick(x_ptrs, layer, NUM_LAYERS) + b * pick(x_stride_b, layer, NUM_LAYERS)
-    stride_t = pick(x_stride_t, layer, NUM_LAYERS)
+    x_base = pick(x_ptrs, layer, NUM_LAYERS) + b * aligned(pick(x_stride_b, layer, NUM_LAYERS),
+                                                           CH_ALIGN)
+    stride_t = aligned(pick(x_stride_t, layer, NUM_LAYERS), CH_ALIGN)
     acc = tl.zeros([TAPS, BLOCK_C], dtype=ACC)
     bias_acc = tl.zeros([BLOCK_C], dtype=ACC)
     # one runtime loop over (window, position) pairs, the window's g_y reloaded (from L1) for
     # each of its four positions: a thread holds one x tile at a time
-    for q in tl.range(n_windows * 4, loop_unroll_factor=1):
+    for q in tl.range(trip_count(n_windows * 4, N_WINDOWS * 4, INTERPRET), loop_unroll_factor=1):
         w = q // 4
         d = q % 4
         g = tl.load(gy_base + w * gy_stride_t + wc, mask=c_mask, other=0.0).to(ACC)
@@ -161,9 +170,12 @@ def input_launch(spec, grad_out: torch.Tensor, argmax: Optional[torch.Tensor],
         spec.channels, spec.height, spec.width, spec.out_width, spec.out_tokens,
         spec.num_prefix_tokens, spec.kernel_size,
     )
+    tensors = [grad_out, weight, *grad_layers] + ([argmax] if argmax is not None else [])
     consts = dict(KSIZE=spec.kernel_size, NUM_LAYERS=spec.num_layers, RESIDUAL=spec.residual,
                   POOL_MAX=spec.pool == "max", ACC=acc_dtype(grad_layers[0].dtype),
-                  BLOCK_P=cfg.block_p, BLOCK_C=cfg.block_c)
+                  CH_ALIGN=channel_alignment(spec.channels, grad_out.element_size(), tensors,
+                                             [grad_out.stride(0), grad_out.stride(1)]),
+                  INTERPRET=interpreting(), BLOCK_P=cfg.block_p, BLOCK_C=cfg.block_c)
     return grid, args, consts
 
 
@@ -183,10 +195,17 @@ def weight_launch(spec, grad_out: torch.Tensor, argmax: Optional[torch.Tensor],
         spec.channels, spec.height, spec.width, spec.out_width, spec.out_tokens,
         spec.num_prefix_tokens,
     )
+    tensors = [grad_out, *layers] + [t for t in (argmax, weight_parts, bias_parts) if t is not None]
+    strides = [grad_out.stride(0), grad_out.stride(1)] + [
+        st for x in layers for st in (x.stride(0), x.stride(1))]
     consts = dict(KSIZE=spec.kernel_size, NUM_LAYERS=spec.num_layers,
                   POOL_MAX=spec.pool == "max", NEED_W=weight_parts is not None,
                   NEED_B=bias_parts is not None, ACC=acc_dtype(layers[0].dtype),
-                  TAPS=triton.next_power_of_2(spec.taps), BLOCK_C=cfg.block_c)
+                  CH_ALIGN=channel_alignment(spec.channels, layers[0].element_size(), tensors,
+                                             strides),
+                  TAPS=triton.next_power_of_2(spec.taps), BLOCK_C=cfg.block_c,
+                  # the window count as a constant only where it bounds a loop (interpreter)
+                  INTERPRET=interpreting(), N_WINDOWS=spec.out_tokens if interpreting() else 0)
     return grid, args, consts
 
 

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .shared import (LaunchConfig, acc_dtype, launch_config, pick, program_tile, tap,
-                     window_extent, x_tile)
+from .shared import (LaunchConfig, acc_dtype, aligned, channel_alignment, interpreting,
+                     launch_config, pick, program_tile, tap, trip_count, window_extent, x_tile)
 
 
 @triton.jit
@@ -33,26 +33,29 @@ def fused_aggregate_fwd_kernel(
     C, H, W, OW, n_windows, prefix, ksize,
     KSIZE: tl.constexpr, NUM_LAYERS: tl.constexpr,
     HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, POOL_MAX: tl.constexpr,
-    SAVE_ARGMAX: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    SAVE_ARGMAX: tl.constexpr, ACC: tl.constexpr, CH_ALIGN: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     PAD: tl.constexpr = KSIZE // 2
+    C = aligned(C, CH_ALIGN)
     KC = NUM_LAYERS * C
     _, layer, b, p, c, p_mask, c_mask, oi, oj = program_tile(C, OW, n_windows, BLOCK_P, BLOCK_C)
     has_down, has_right, count = window_extent(oi, oj, H, W)
     wc = layer * C + c
-    base = pick(x_ptrs, layer, NUM_LAYERS) + b * pick(x_stride_b, layer, NUM_LAYERS)
-    stride_t = pick(x_stride_t, layer, NUM_LAYERS)
+    base = pick(x_ptrs, layer, NUM_LAYERS) + b * aligned(pick(x_stride_b, layer, NUM_LAYERS),
+                                                         CH_ALIGN)
+    stride_t = aligned(pick(x_stride_t, layer, NUM_LAYERS), CH_ALIGN)
 
     if POOL_MAX:
         best = tl.full([BLOCK_P, BLOCK_C], float("-inf"), dtype=ACC)
-        code = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.int32)
+        code = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.int8)
         # window order 00, 01, 10, 11; a NaN wins, as in torch.max_pool2d
         for d in tl.range(4, loop_unroll_factor=1):
             dy = d // 2
             dx = d % 2
             z = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-            for t in tl.range(ksize * ksize, loop_unroll_factor=1):
+            for t in tl.range(trip_count(ksize * ksize, KSIZE * KSIZE, INTERPRET),
+                              loop_unroll_factor=1):
                 u = t // KSIZE
                 v = t % KSIZE
                 xv = x_tile(base, stride_t, prefix, 2 * oi + dy + u - PAD,
@@ -62,22 +65,24 @@ def fused_aggregate_fwd_kernel(
             in_window = ((dy == 0) | has_down) & ((dx == 0) | has_right)
             take = in_window[:, None] & ((z > best) | (z != z))
             best = tl.where(take, z, best)
-            code = tl.where(take, d, code)
+            code = tl.where(take, d, code).to(tl.int8)
         y = best
     else:
         hd = has_down.to(ACC)[:, None]
         hr = has_right.to(ACC)[:, None]
         acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-        for t in tl.range((ksize + 1) * (ksize + 1), loop_unroll_factor=1):
+        for t in tl.range(trip_count((ksize + 1) * (ksize + 1), (KSIZE + 1) * (KSIZE + 1),
+                                     INTERPRET), loop_unroll_factor=1):
             a = t // (KSIZE + 1)
             e = t % (KSIZE + 1)
             xv = x_tile(base, stride_t, prefix, 2 * oi + a - PAD, 2 * oj + e - PAD, H, W, c,
                         p_mask, c_mask, ACC)
-            w00 = tap(w_ptr, wc, c_mask, KC, a, e, KSIZE, RESIDUAL).to(ACC)[None, :]
-            w01 = tap(w_ptr, wc, c_mask, KC, a, e - 1, KSIZE, RESIDUAL).to(ACC)[None, :]
-            w10 = tap(w_ptr, wc, c_mask, KC, a - 1, e, KSIZE, RESIDUAL).to(ACC)[None, :]
-            w11 = tap(w_ptr, wc, c_mask, KC, a - 1, e - 1, KSIZE, RESIDUAL).to(ACC)[None, :]
-            acc += xv * (w00 + hr * (w01 + hd * w11) + hd * w10)
+            wf = tap(w_ptr, wc, c_mask, KC, a, e, KSIZE, RESIDUAL).to(ACC)[None, :]
+            wf += hr * tap(w_ptr, wc, c_mask, KC, a, e - 1, KSIZE, RESIDUAL).to(ACC)[None, :]
+            wf += hd * tap(w_ptr, wc, c_mask, KC, a - 1, e, KSIZE, RESIDUAL).to(ACC)[None, :]
+            wf += (hd * hr) * tap(w_ptr, wc, c_mask, KC, a - 1, e - 1, KSIZE,
+                                  RESIDUAL).to(ACC)[None, :]
+            acc += xv * wf
         y = acc / count.to(ACC)[:, None]
     if HAS_BIAS:
         y += tl.load(bias_ptr + wc, mask=c_mask, other=0.0).to(ACC)[None, :]
@@ -95,7 +100,7 @@ def fused_aggregate_fwd_kernel(
 # thread one 16-byte vector of its dtype (``one_vector_per_thread``): more would take a
 # thread past 64 registers (scripts/gpu_resources.py).
 FWD_TILES = [(8, 32, 2), (16, 32, 2), (8, 64, 4), (16, 32, 4), (16, 64, 4), (32, 32, 4),
-             (8, 128, 8), (16, 64, 8), (32, 64, 8), (16, 128, 8)]
+             (8, 128, 8), (16, 64, 8)]
 FWD_AUTOTUNE_CONFIGS = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
                         for p, c, w in FWD_TILES]
 
@@ -112,7 +117,7 @@ def _prune_configs(configs, named_args, **_):
 
 fused_aggregate_fwd_autotuned = triton.autotune(
     configs=FWD_AUTOTUNE_CONFIGS,
-    key=["C", "n_windows", "OW", "KSIZE", "NUM_LAYERS", "POOL_MAX", "SAVE_ARGMAX"],
+    key=["C", "n_windows", "OW", "KSIZE", "NUM_LAYERS", "POOL_MAX", "SAVE_ARGMAX", "CH_ALIGN"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(fused_aggregate_fwd_kernel)
 
@@ -137,7 +142,11 @@ def fwd_launch(spec, layers: Sequence[torch.Tensor], weight: torch.Tensor,
     consts = dict(
         KSIZE=spec.kernel_size, NUM_LAYERS=spec.num_layers, HAS_BIAS=bias is not None,
         RESIDUAL=spec.residual, POOL_MAX=spec.pool == "max", SAVE_ARGMAX=argmax is not None,
-        ACC=acc_dtype(layers[0].dtype),
+        ACC=acc_dtype(layers[0].dtype), INTERPRET=interpreting(),
+        CH_ALIGN=channel_alignment(
+            spec.channels, layers[0].element_size(),
+            [*layers, out, weight] + [t for t in (bias, argmax) if t is not None],
+            [st for x in layers for st in (x.stride(0), x.stride(1))]),
     )
     if cfg is not None:
         consts.update(BLOCK_P=cfg.block_p, BLOCK_C=cfg.block_c)

@@ -16,8 +16,9 @@ tap-major, ``w[(u*k + v) * K*C + l*C + c]`` in the compute dtype, so a tap's cha
 contiguous.
 
 Registers. The loops over the kernel's taps are runtime loops: one flat loop over the taps
-whose trip count comes from ``ksize``, the kernel size passed again as a runtime value, with
-``loop_unroll_factor=1`` (a loop with a constant trip count is unrolled by LLVM all the same).
+whose trip count comes from ``ksize``, the kernel size passed again as a runtime value
+(``trip_count``), with ``loop_unroll_factor=1`` (a loop with a constant trip count is unrolled
+by LLVM all the same).
 Unrolled, the compiler issues every tap's loads up front and a thread holds them all (180-255
 registers and spills at k=7); as a loop, a thread holds one tap's operands and its
 accumulators, and the forward's tiles stay within 64 registers (half the warps of an SM
@@ -60,6 +61,36 @@ def launch_config(n_windows: int, channels: int, element_size: int,
                             min(triton.next_power_of_2(channels), 128), 1)
     return LaunchConfig(min(triton.next_power_of_2(n_windows), 16),
                         min(triton.next_power_of_2(channels), 8 * 16 // element_size), 4)
+
+
+def channel_alignment(channels: int, element_size: int, tensors, strides) -> int:
+    """Channels in a 16-byte vector when the channel count, every stride (elements) and every
+    tensor's address allow 16-byte accesses at each token's channel run, else 1. The kernels
+    pass it to the compiler (``aligned``), which cannot see it when C is not a multiple of 16
+    (Triton marks only ints divisible by 16)."""
+    vec = 16 // element_size
+    ok = (channels % vec == 0 and all(s % vec == 0 for s in strides)
+          and all(t.data_ptr() % 16 == 0 for t in tensors))
+    return vec if ok else 1
+
+
+@triton.jit
+def aligned(value, CH_ALIGN: tl.constexpr):
+    """``value`` (a channel count or a stride, in elements) as a multiple of CH_ALIGN."""
+    if CH_ALIGN > 1:
+        value = tl.multiple_of(value, CH_ALIGN)
+    return value
+
+
+@triton.jit
+def trip_count(runtime_value, constant: tl.constexpr, INTERPRET: tl.constexpr):
+    """The trip count of a loop kept rolled: ``runtime_value``, an int known at run time only,
+    on a GPU (LLVM unrolls a loop whose trip count is a constant, whatever loop_unroll_factor
+    says); ``constant``, the same number, in the CPU interpreter (Triton 3.6's cannot take a
+    run-time value as a loop bound with numpy >= 2.4)."""
+    if INTERPRET:
+        return constant
+    return runtime_value
 
 
 @triton.jit
