@@ -58,6 +58,7 @@ class Variant:
     arch: int
     tile: str = ""  # Triton: "PxCxwarps"; CUDA: "vec=N"
     default: bool = True  # the tiles a call takes without autotuning
+    channels: int = 1024  # C (llava15-7b); 1000 checks 16-byte vectors at C % 16 != 0
 
 
 @dataclasses.dataclass
@@ -177,7 +178,7 @@ def triton_launch(variant: Variant, batch: int = 32):
     cfg = REFERENCE_CONFIGS["llava15-7b"]
     dtype = getattr(torch, _TORCH_TYPES[variant.dtype])
     spec = AggregateSpec(cfg.height, cfg.width, cfg.prefix, True, variant.pool, batch,
-                         cfg.tokens, cfg.channels, cfg.layers, variant.ksize)
+                         cfg.tokens, variant.channels, cfg.layers, variant.ksize)
     block_p, block_c, warps = (int(x) for x in variant.tile.split("x"))
     tiles = LaunchConfig(block_p, block_c, warps)
     layers = [torch.empty(batch, spec.tokens, spec.channels, dtype=dtype)
@@ -222,6 +223,10 @@ def triton_variants(all_variants: bool, archs: List[int]) -> List[Variant]:
                         out.append(Variant("triton", "fwd", pool, k, dtype, arch, tile))
                     for kernel in ("bwd_input", "bwd_weight"):
                         out.append(Variant("triton", kernel, pool, k, dtype, arch, fixed_tile))
+            # a channel count that is a multiple of 8 but not of 16 (e.g. C=1000)
+            for kernel in ("fwd", "bwd_input", "bwd_weight"):
+                out.append(Variant("triton", kernel, "avg", 3, dtype, arch, fixed_tile,
+                                   channels=1000))
     return out
 
 
@@ -296,7 +301,7 @@ def checks(rows: List[tuple]) -> List[str]:
     failed = []
     for v, r in rows:
         name = (f"{v.backend} {v.kernel} {v.pool} k={v.ksize} {v.dtype} sm_{v.arch} "
-                f"{v.tile}").strip()
+                f"{v.tile}" + ("" if v.channels == 1024 else f" C={v.channels}")).strip()
         if r.error:
             failed.append(f"{name}: {r.error}")
             continue
@@ -323,7 +328,8 @@ def table_rows(rows: List[tuple]) -> List[List[str]]:
     for v, r in rows:
         spills = "-" if r.error else str(r.local_ops + r.spill_bytes)
         out.append([v.backend, v.kernel, v.pool, str(v.ksize), v.dtype, f"sm_{v.arch}",
-                    v.tile + ("" if v.default else " (autotune)"),
+                    v.tile + ("" if v.default else " (autotune)")
+                    + ("" if v.channels == 1024 else f" C={v.channels}"),
                     str(r.registers) if not r.error else "error", str(r.stack), spills,
                     str(r.shared), str(r.ld128), str(r.st128), f"{r.occupancy:.0%}"])
     return out

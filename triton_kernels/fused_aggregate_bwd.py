@@ -185,7 +185,10 @@ def weight_launch(spec, grad_out: torch.Tensor, argmax: Optional[torch.Tensor],
     """(grid, runtime args, constexprs) of the weight/bias-gradient kernel; an output not
     needed is None."""
     unused = grad_out  # any pointer: the kernel never touches an output it was told to skip
-    grid = (spec.batch, triton.cdiv(spec.channels, cfg.block_c), spec.num_layers)
+    taps = triton.next_power_of_2(spec.taps)
+    # the [taps, channels] accumulator and x tile: at most 16 elements a thread each on a GPU
+    block_c = cfg.block_c if interpreting() else min(cfg.block_c, 16 * 32 * cfg.num_warps // taps)
+    grid = (spec.batch, triton.cdiv(spec.channels, block_c), spec.num_layers)
     args = (
         grad_out, grad_out.stride(0), grad_out.stride(1),
         argmax if argmax is not None else unused,
@@ -203,7 +206,7 @@ def weight_launch(spec, grad_out: torch.Tensor, argmax: Optional[torch.Tensor],
                   NEED_B=bias_parts is not None, ACC=acc_dtype(layers[0].dtype),
                   CH_ALIGN=channel_alignment(spec.channels, layers[0].element_size(), tensors,
                                              strides),
-                  TAPS=triton.next_power_of_2(spec.taps), BLOCK_C=cfg.block_c,
+                  TAPS=taps, BLOCK_C=block_c,
                   # the window count as a constant only where it bounds a loop (interpreter)
                   INTERPRET=interpreting(), N_WINDOWS=spec.out_tokens if interpreting() else 0)
     return grid, args, consts

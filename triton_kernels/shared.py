@@ -76,9 +76,11 @@ def channel_alignment(channels: int, element_size: int, tensors, strides) -> int
 
 @triton.jit
 def aligned(value, CH_ALIGN: tl.constexpr):
-    """``value`` (a channel count or a stride, in elements) as a multiple of CH_ALIGN."""
+    """``value`` (a channel count or a stride, in elements, a multiple of CH_ALIGN) rewritten as
+    ``(value // CH_ALIGN) * CH_ALIGN``: the same number, whose divisibility the compiler reads
+    off the product (``tl.multiple_of`` marks nothing on a kernel argument)."""
     if CH_ALIGN > 1:
-        value = tl.multiple_of(value, CH_ALIGN)
+        value = (value // CH_ALIGN) * CH_ALIGN
     return value
 
 
