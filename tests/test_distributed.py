@@ -7,6 +7,12 @@ the workers up to a deadline and then ends them, and a worker that hangs prints 
 stacks first (faulthandler). The rendezvous uses a file store in the test's own directory (no
 port to race for) and gloo is pinned to the loopback interface. Only a failure before both
 ranks have joined the group (the transport's set-up, not the code under test) is retried.
+
+The workers leave with ``os._exit`` once both ranks have passed a final barrier, without tearing
+the process group down: torch's gloo group can deadlock in its destructor (it joins its work
+thread holding the GIL while that thread frees a finished work item whose saved thread state
+needs the GIL), in about one run in ten on this kind of machine, whichever backend computes the
+op; FSDP2 runs also ended in ``terminate called without an active exception`` there.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import faulthandler
 import os
 import sys
 import time
+import traceback
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -76,9 +83,15 @@ def _worker(rank: int, run_dir: str, mode: str, backend: str):
             grads = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
         if rank == 0:
             torch.save(grads, os.path.join(run_dir, "grads.pt"))
-    finally:
-        dist.destroy_process_group()
-        faulthandler.cancel_dump_traceback_later()
+        dist.barrier()  # no rank leaves while the other still needs it
+        status = 0
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    faulthandler.cancel_dump_traceback_later()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # no process-group teardown (see the module docstring)
 
 
 def _join(context, deadline: float) -> None:
