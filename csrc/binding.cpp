@@ -5,8 +5,8 @@
 //   torch.ops.saep_C.fused_aggregate_fwd(hidden_states, weight, bias, out, argmax, height,
 //       width, num_prefix_tokens, residual, pool) -> ()
 //   torch.ops.saep_C.fused_aggregate_bwd(grad_out, hidden_states, weight, argmax,
-//       grad_hidden_states, height, width, num_prefix_tokens, residual, pool,
-//       need_weight_grad, need_bias_grad) -> (weight_grad_partials, bias_grad_partials)
+//       grad_hidden_states, weight_grad_parts, bias_grad_parts, height, width,
+//       num_prefix_tokens, residual, pool) -> ()
 //
 // These are the kernels behind backend="cpu" / "cuda" of saep::fused_aggregate, which adds
 // the argument checks users see, autograd, the fake implementation, the input layout and the
@@ -34,7 +34,6 @@ struct CpuKernels {
   static void bwd(const BwdParams& p, const at::Device&) {
     cpu::fused_aggregate_bwd(p, aten_parallel_for());
   }
-  static int64_t bwd_rows(const Geometry& g) { return cpu::bwd_rows(g); }
 };
 
 }  // namespace
@@ -48,9 +47,9 @@ TORCH_LIBRARY(saep_C, m) {
       "str pool) -> ()");
   m.def(
       "fused_aggregate_bwd(Tensor grad_out, Tensor[] hidden_states, Tensor weight, "
-      "Tensor? argmax, Tensor(a!)[] grad_hidden_states, int height, int width, "
-      "int num_prefix_tokens, bool residual, str pool, bool need_weight_grad, "
-      "bool need_bias_grad) -> (Tensor, Tensor)");
+      "Tensor? argmax, Tensor(a!)[] grad_hidden_states, Tensor(b!)? weight_grad_parts, "
+      "Tensor(c!)? bias_grad_parts, int height, int width, int num_prefix_tokens, "
+      "bool residual, str pool) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(saep_C, CPU, m) {

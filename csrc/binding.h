@@ -128,14 +128,14 @@ void fused_aggregate_fwd(const std::vector<at::Tensor>& xs, const at::Tensor& we
   Kernels::fwd(p, x0.device());
 }
 
-// saep_C::fused_aggregate_bwd: writes `grad_xs` (empty: not needed) and returns the weight
-// and bias partial sums [rows, k*k, K*C] and [rows, K*C] (empty when not needed).
+// saep_C::fused_aggregate_bwd: writes the gradients given: `grad_xs` (empty: not needed) and
+// the weight and bias partial sums [B, k*k, K*C] and [B, K*C], one row per image.
 template <typename Kernels>
-std::tuple<at::Tensor, at::Tensor> fused_aggregate_bwd(
-    const at::Tensor& grad_out, const std::vector<at::Tensor>& xs, const at::Tensor& weight,
-    const c10::optional<at::Tensor>& argmax, at::TensorList grad_xs, int64_t height,
-    int64_t width, int64_t prefix, bool residual, c10::string_view pool, bool need_w,
-    bool need_b) {
+void fused_aggregate_bwd(const at::Tensor& grad_out, const std::vector<at::Tensor>& xs,
+                         const at::Tensor& weight, const c10::optional<at::Tensor>& argmax,
+                         at::TensorList grad_xs, const c10::optional<at::Tensor>& grad_w_parts,
+                         const c10::optional<at::Tensor>& grad_b_parts, int64_t height,
+                         int64_t width, int64_t prefix, bool residual, c10::string_view pool) {
   BwdParams p{};
   p.g = geometry(xs, weight, height, width, prefix, residual, pool);
   const Geometry& g = p.g;
@@ -161,19 +161,22 @@ std::tuple<at::Tensor, at::Tensor> fused_aggregate_bwd(
                  true);
     p.grad_x[i] = grad_xs[i].data_ptr();
   }
+  if (grad_w_parts.has_value() && grad_w_parts->defined()) {
+    check_tensor(*grad_w_parts, "weight_grad_parts", {g.batch, g.ksize * g.ksize, g.kc()},
+                 compute_type(x0), x0.device(), true);
+    p.grad_w_part = grad_w_parts->data_ptr();
+  }
+  if (grad_b_parts.has_value() && grad_b_parts->defined()) {
+    check_tensor(*grad_b_parts, "bias_grad_parts", {g.batch, g.kc()}, compute_type(x0),
+                 x0.device(), true);
+    p.grad_b_part = grad_b_parts->data_ptr();
+  }
   p.x = layer_ptrs(xs);
   p.weight = weight.data_ptr();
   p.grad_out = grad_out.data_ptr();
   p.gy_stride_b = grad_out.stride(0);
   p.gy_stride_t = grad_out.stride(1);
-  const at::TensorOptions acc = x0.options().dtype(compute_type(x0));
-  const int64_t rows = Kernels::bwd_rows(g);
-  at::Tensor gw = at::empty({need_w ? rows : 0, g.ksize * g.ksize, g.kc()}, acc);
-  at::Tensor gb = at::empty({need_b ? rows : 0, g.kc()}, acc);
-  p.grad_w_part = need_w ? gw.data_ptr() : nullptr;
-  p.grad_b_part = need_b ? gb.data_ptr() : nullptr;
   Kernels::bwd(p, x0.device());
-  return {gw, gb};
 }
 
 }  // namespace binding

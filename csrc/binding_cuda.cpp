@@ -6,7 +6,6 @@
 
 #include "binding.h"
 #include "cuda/fused_aggregate_cuda.h"
-#include "cuda/plan.h"
 
 namespace saep {
 namespace binding {
@@ -26,7 +25,6 @@ struct CudaKernels {
     const c10::cuda::CUDAGuard guard(device);
     check_cuda(cuda::fused_aggregate_bwd(p, c10::cuda::getCurrentCUDAStream().stream()));
   }
-  static int64_t bwd_rows(const Geometry& g) { return cuda::bwd_rows(g); }
 };
 
 }  // namespace

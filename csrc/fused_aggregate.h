@@ -76,8 +76,8 @@ struct BwdParams {
   const void* weight;       // [k*k, K*C] compute type
   void* grad_x[kMaxLayers];  // contiguous [B, T, C] input dtype, or all nullptr; the
                              // caller zeroes the prefix rows, the kernels write the grid
-  void* grad_w_part;        // [rows, k*k, K*C] compute type, or nullptr
-  void* grad_b_part;        // [rows, K*C] compute type, or nullptr
+  void* grad_w_part;        // [B, k*k, K*C] compute type (one row per image), or nullptr;
+  void* grad_b_part;        // [B, K*C] compute type, or nullptr: the caller sums the rows
 };
 
 // Position (dy, dx) of a 2x2 window as stored in `argmax`.

@@ -10,6 +10,7 @@ import torch
 import saep_kernels
 from saep_kernels import FusedAggregateFunction, SAEPProjector, aggregate_spec, fused_aggregate
 from saep_kernels.backends import FUSED, extension, resolve_backend, triton
+from saep_kernels.spec import GradsNeeded
 from conftest import DEVICES, expected_backends, target_params
 from helpers import make_layers, make_params
 
@@ -76,11 +77,13 @@ class KernelSpy:
             self.forward_layers.append(list(layers))
             return launch_forward(spec, layers, *args)
 
-        def backward(spec, needs, grad_out, layers, weight, argmax, grad_layers):
-            self.needs.append(needs)
+        def backward(spec, grad_out, layers, weight, argmax, grad_layers, weight_parts,
+                     bias_parts):
+            self.needs.append(GradsNeeded(bool(grad_layers), weight_parts is not None,
+                                          bias_parts is not None))
             self.backward_layers.append(list(layers))
-            assert bool(grad_layers) == needs.input
-            return launch_backward(spec, needs, grad_out, layers, weight, argmax, grad_layers)
+            return launch_backward(spec, grad_out, layers, weight, argmax, grad_layers,
+                                   weight_parts, bias_parts)
 
         monkeypatch.setattr(self.backend, "launch_forward", forward)
         monkeypatch.setattr(self.backend, "launch_backward", backward)

@@ -212,12 +212,13 @@ def weight_launch(spec, grad_out: torch.Tensor, argmax: Optional[torch.Tensor],
     return grid, args, consts
 
 
-def fused_aggregate_bwd(spec, needs, grad_out: torch.Tensor, layers: Sequence[torch.Tensor],
+def fused_aggregate_bwd(spec, grad_out: torch.Tensor, layers: Sequence[torch.Tensor],
                         weight: torch.Tensor, argmax: Optional[torch.Tensor],
-                        grad_layers: Sequence[torch.Tensor]):
-    """Write ``grad_layers`` (contiguous [B, T, C]; empty when not needed) and return the
-    weight partial sums [B, k*k, K*C] and bias partial sums [B, K*C] (one row per image) in
-    the compute dtype, each None when ``needs`` does not ask for it.
+                        grad_layers: Sequence[torch.Tensor], weight_parts: Optional[torch.Tensor],
+                        bias_parts: Optional[torch.Tensor]) -> None:
+    """Write the gradients asked for: ``grad_layers`` (contiguous [B, T, C]; empty when not
+    needed) and the weight and bias partial sums ([B, k*k, K*C] and [B, K*C] in the compute
+    dtype, one row per image; None when not needed).
 
     ``grad_out`` and ``layers``: channel stride 1; ``weight``: [k*k, K*C] in the compute dtype;
     ``argmax``: contiguous, for max pooling.
@@ -226,13 +227,7 @@ def fused_aggregate_bwd(spec, needs, grad_out: torch.Tensor, layers: Sequence[to
     if grad_layers:
         grid, args, consts = input_launch(spec, grad_out, argmax, weight, grad_layers, cfg)
         fused_aggregate_bwd_input_kernel[grid](*args, **consts, num_warps=cfg.num_warps)
-    acc = weight.dtype
-    weight_parts = (grad_out.new_empty((spec.batch, spec.taps, spec.out_channels), dtype=acc)
-                    if needs.weight else None)
-    bias_parts = (grad_out.new_empty((spec.batch, spec.out_channels), dtype=acc)
-                  if needs.bias else None)
-    if needs.weight or needs.bias:
+    if weight_parts is not None or bias_parts is not None:
         grid, args, consts = weight_launch(spec, grad_out, argmax, layers, weight_parts,
                                            bias_parts, cfg)
         fused_aggregate_bwd_weight_kernel[grid](*args, **consts, num_warps=cfg.num_warps)
-    return weight_parts, bias_parts

@@ -284,8 +284,6 @@ SAEP_DTYPE_ENTRY_POINTS(bwd, BwdParams, BackwardTask)
 
 }  // namespace
 
-int64_t bwd_rows(const Geometry& g) { return g.batch; }
-
 void fused_aggregate_bwd(const BwdParams& p, const ParallelFor& parallel_for) {
   run_tasks(p, parallel_for, bwd_f32, bwd_f64, bwd_bf16, bwd_f16);
 }

@@ -29,10 +29,6 @@ inline ParallelFor serial_for() {
 // Forward: writes p.out (and p.argmax when non-null and pool is max).
 void fused_aggregate_fwd(const FwdParams& p, const ParallelFor& parallel_for);
 
-// Rows of the weight/bias partial-sum buffers the backward writes (one per image); the caller
-// reduces them over dim 0 in a fixed order, so the gradients are bitwise reproducible.
-int64_t bwd_rows(const Geometry& g);
-
 // Backward: writes the non-null outputs of p (grad_x, grad_w_part, grad_b_part).
 void fused_aggregate_bwd(const BwdParams& p, const ParallelFor& parallel_for);
 

@@ -16,8 +16,7 @@ struct CUstream_st;  // cudaStream_t is CUstream_st*
 namespace saep {
 namespace cuda {
 
-// Each returns 0 on success, else a cudaError_t value (see error_string). The backward's
-// partial-sum buffers have plan.h's bwd_rows(g) rows.
+// Each returns 0 on success, else a cudaError_t value (see error_string).
 int fused_aggregate_fwd(const FwdParams& p, CUstream_st* stream);
 int fused_aggregate_bwd(const BwdParams& p, CUstream_st* stream);
 

@@ -106,8 +106,5 @@ inline Tiling plan_weight_grad(const Geometry& g, int vec) {
   return t;
 }
 
-// Rows of the backward's partial-sum buffers: one per image.
-inline int64_t bwd_rows(const Geometry& g) { return g.batch; }
-
 }  // namespace cuda
 }  // namespace saep

@@ -27,7 +27,6 @@ int main() {
     saep::test::Backend be{
         "cpu kernels (" + std::to_string(threads) + " thread" + (threads > 1 ? "s)" : ")"),
         [pf](const saep::FwdParams& p) { saep::cpu::fused_aggregate_fwd(p, pf); },
-        [](const saep::Geometry& g) { return saep::cpu::bwd_rows(g); },
         [pf](const saep::BwdParams& p) { saep::cpu::fused_aggregate_bwd(p, pf); }};
     rc |= saep::test::run_all(be);
   }

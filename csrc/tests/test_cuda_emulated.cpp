@@ -35,7 +35,6 @@ int main() {
       [](const FwdParams& p) {
         if (cuda::dispatch(p, cuda::fwd_vector_ok(p), EmulatedLaunch{}) != 0) std::abort();
       },
-      [](const Geometry& g) { return cuda::bwd_rows(g); },
       [](const BwdParams& p) {
         if (cuda::dispatch(p, cuda::bwd_vector_ok(p), EmulatedLaunch{}) != 0) std::abort();
       }};

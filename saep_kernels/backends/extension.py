@@ -52,8 +52,7 @@ class ExtensionBackend(FusedBackend):
     def launch_forward(self, spec, layers, weight, bias, out, argmax):
         torch.ops.saep_C.fused_aggregate_fwd(layers, weight, bias, out, argmax, *spec.op_args())
 
-    def launch_backward(self, spec, needs, grad_out, layers, weight, argmax, grad_layers):
-        weight_parts, bias_parts = torch.ops.saep_C.fused_aggregate_bwd(
-            grad_out, layers, weight, argmax, grad_layers, *spec.op_args(), needs.weight,
-            needs.bias)
-        return (weight_parts if needs.weight else None), (bias_parts if needs.bias else None)
+    def launch_backward(self, spec, grad_out, layers, weight, argmax, grad_layers, weight_parts,
+                        bias_parts):
+        torch.ops.saep_C.fused_aggregate_bwd(grad_out, layers, weight, argmax, grad_layers,
+                                             weight_parts, bias_parts, *spec.op_args())

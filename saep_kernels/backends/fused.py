@@ -10,9 +10,9 @@ after them.
 * The outputs are allocated here (``forward_outputs``, ``input_grad_buffers``; the custom ops'
   fake implementations use the same functions): the input gradients are [B, T, C] with the
   prefix rows zeroed, since the kernels write the grid tokens only.
-* Weight and bias gradients come back from the kernels as partial sums, one row per unit of
-  work the backend chose; ``reduce_partials`` sums them in a fixed order (bitwise
-  reproducible).
+* Weight and bias gradients come back from the kernels as partial sums, one row per image
+  (``partial_buffers``: [B, k*k, K*C] and [B, K*C] in the compute dtype, whatever the
+  backend); ``reduce_partials`` sums them in a fixed order (bitwise reproducible).
 
 A backend subclasses ``FusedBackend`` and provides ``unavailable_reason``, optionally
 ``supports``, and the two kernel launches.
@@ -63,6 +63,16 @@ def input_grad_buffers(spec: AggregateSpec, like: Tensor) -> List[Tensor]:
     return grads
 
 
+def partial_buffers(spec: AggregateSpec, needs: GradsNeeded, like: Tensor,
+                    dtype: torch.dtype) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """The kernels' weight and bias partial sums, one row per image, for what ``needs`` asks
+    (None otherwise)."""
+    weight = like.new_empty((spec.batch, spec.taps, spec.out_channels), dtype=dtype) \
+        if needs.weight else None
+    bias = like.new_empty((spec.batch, spec.out_channels), dtype=dtype) if needs.bias else None
+    return weight, bias
+
+
 def reduce_partials(spec: AggregateSpec, weight_parts: Optional[Tensor],
                     bias_parts: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """Weight [K*C, 1, k, k] and bias [K*C] gradients from the kernels' partial sums
@@ -92,12 +102,11 @@ class FusedBackend:
         """Write ``out`` (and ``argmax`` when given). Inputs as prepared by ``forward``."""
         raise NotImplementedError
 
-    def launch_backward(self, spec: AggregateSpec, needs: GradsNeeded, grad_out: Tensor,
-                        layers: Sequence[Tensor], weight: Tensor, argmax: Optional[Tensor],
-                        grad_layers: Sequence[Tensor]
-                        ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        """Write ``grad_layers`` (empty when not needed); return the weight and bias partial
-        sums asked for by ``needs`` (None otherwise)."""
+    def launch_backward(self, spec: AggregateSpec, grad_out: Tensor, layers: Sequence[Tensor],
+                        weight: Tensor, argmax: Optional[Tensor], grad_layers: Sequence[Tensor],
+                        weight_parts: Optional[Tensor], bias_parts: Optional[Tensor]) -> None:
+        """Write the gradients asked for: ``grad_layers`` (empty when not needed) and the
+        weight and bias partial sums (None when not needed)."""
         raise NotImplementedError
 
     def forward(self, spec: AggregateSpec, hidden_states: Sequence[Tensor], weight: Tensor,
@@ -123,14 +132,11 @@ class FusedBackend:
         x0 = hidden_states[0]
         acc = compute_dtype(x0.dtype)
         grad_layers = input_grad_buffers(spec, x0) if needs.input else []
-        if spec.batch > 0 and needs.any():
-            weight_parts, bias_parts = self.launch_backward(
-                spec, needs, channel_contiguous(grad_out),
-                [channel_contiguous(x) for x in hidden_states], tap_weights(weight, acc),
-                argmax.contiguous() if spec.pool == "max" else None, grad_layers)
-        else:  # no image: no partial sums, zero gradients
-            weight_parts = x0.new_zeros((0, spec.taps, spec.out_channels), dtype=acc) \
-                if needs.weight else None
-            bias_parts = x0.new_zeros((0, spec.out_channels), dtype=acc) if needs.bias else None
+        weight_parts, bias_parts = partial_buffers(spec, needs, x0, acc)
+        if spec.batch > 0 and needs.any():  # no image: no rows, zero weight and bias gradients
+            self.launch_backward(
+                spec, channel_contiguous(grad_out), [channel_contiguous(x) for x in hidden_states],
+                tap_weights(weight, acc), argmax.contiguous() if spec.pool == "max" else None,
+                grad_layers, weight_parts, bias_parts)
         grad_w, grad_b = reduce_partials(spec, weight_parts, bias_parts)
         return grad_layers, grad_w, grad_b

@@ -64,8 +64,9 @@ class TritonBackend(FusedBackend):
             forward.fused_aggregate_fwd(spec, layers, weight, bias, out, argmax,
                                         autotune=self.autotune and not shared.interpreting())
 
-    def launch_backward(self, spec, needs, grad_out, layers, weight, argmax, grad_layers):
+    def launch_backward(self, spec, grad_out, layers, weight, argmax, grad_layers, weight_parts,
+                        bias_parts):
         _, backward, _ = _kernels()
         with _device_guard(grad_out.device):
-            return backward.fused_aggregate_bwd(spec, needs, grad_out, layers, weight, argmax,
-                                                grad_layers)
+            backward.fused_aggregate_bwd(spec, grad_out, layers, weight, argmax, grad_layers,
+                                         weight_parts, bias_parts)
