@@ -48,7 +48,7 @@ def _extensions():
         return [], {}
 
     sources = ["csrc/binding.cpp", "csrc/cpu/fused_aggregate_fwd.cpp",
-               "csrc/cpu/fused_aggregate_bwd.cpp"]
+               "csrc/cpu/fused_aggregate_bwd.cpp", "csrc/cpu/cpu_capability.cpp"]
     # no -std here: torch's BuildExtension adds the standard its own headers are written for
     # (C++17 or C++20 by torch version); the kernels compile under both
     cxx = ["-O3", "-Wno-unknown-pragmas"]

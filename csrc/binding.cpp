@@ -14,6 +14,8 @@
 #include <ATen/Parallel.h>
 #include <Python.h>
 
+#include <cstring>
+
 #include "binding.h"
 #include "cpu/fused_aggregate_cpu.h"
 
@@ -58,12 +60,73 @@ TORCH_LIBRARY_IMPL(saep_C, CPU, m) {
   m.impl("fused_aggregate_bwd", &saep::binding::fused_aggregate_bwd<Kernels>);
 }
 
+namespace {
+
+using saep::cpu::CpuCapability;
+
+// _C.cpu_capabilities() -> tuple of the names compiled here that this CPU runs, best last
+PyObject* py_cpu_capabilities(PyObject*, PyObject*) {
+  PyObject* names = PyList_New(0);
+  if (names == nullptr) return nullptr;
+  for (int c = 0; c < saep::cpu::kNumCpuCapabilities; ++c) {
+    const auto capability = static_cast<CpuCapability>(c);
+    if (!saep::cpu::cpu_capability_supported(capability)) continue;
+    PyObject* name = PyUnicode_FromString(saep::cpu::cpu_capability_name(capability));
+    if (name == nullptr || PyList_Append(names, name) != 0) {
+      Py_XDECREF(name);
+      Py_DECREF(names);
+      return nullptr;
+    }
+    Py_DECREF(name);
+  }
+  PyObject* tuple = PyList_AsTuple(names);
+  Py_DECREF(names);
+  return tuple;
+}
+
+// _C.cpu_capability() -> the name of the one in use
+PyObject* py_cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(saep::cpu::cpu_capability_name(saep::cpu::cpu_capability()));
+}
+
+// _C.set_cpu_capability(name) -> None; ValueError unless name is one of cpu_capabilities()
+PyObject* py_set_cpu_capability(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
+  if (name != nullptr) {
+    for (int c = 0; c < saep::cpu::kNumCpuCapabilities; ++c) {
+      const auto capability = static_cast<CpuCapability>(c);
+      if (std::strcmp(name, saep::cpu::cpu_capability_name(capability)) == 0 &&
+          saep::cpu::set_cpu_capability(capability))
+        Py_RETURN_NONE;
+    }
+  }
+  PyErr_Clear();
+  PyObject* supported = py_cpu_capabilities(nullptr, nullptr);
+  if (supported == nullptr) return nullptr;
+  PyErr_Format(PyExc_ValueError,
+               "cpu capability must be one of %R (compiled here and run by this CPU), got %R",
+               supported, arg);
+  Py_DECREF(supported);
+  return nullptr;
+}
+
+PyMethodDef methods[] = {
+    {"cpu_capabilities", py_cpu_capabilities, METH_NOARGS,
+     "The instruction sets the CPU kernels are compiled for that this CPU runs, best last."},
+    {"cpu_capability", py_cpu_capability, METH_NOARGS,
+     "The instruction set whose CPU kernels run now."},
+    {"set_cpu_capability", py_set_cpu_capability, METH_O,
+     "Run the CPU kernels compiled for this instruction set from now on."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 // `import saep_kernels._C` loads this library (running the registrations above) and tells
 // which kernels it was built with and how many layers they take.
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
                                "saep-kernels compiled kernels (registered as torch.ops.saep_C)",
-                               -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+                               -1, methods, nullptr, nullptr, nullptr, nullptr};
   PyObject* m = PyModule_Create(&module);
   if (m == nullptr) return nullptr;
   PyModule_AddIntConstant(m, "HAS_CPU", 1);

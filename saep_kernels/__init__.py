@@ -6,6 +6,7 @@
 """
 
 from .backends import BACKENDS, BackendUnavailable, available_backends
+from .backends.extension import cpu_capabilities, cpu_capability, set_cpu_capability
 from .modules import SAEPProjector
 from .ops import FusedAggregateFunction, aggregate_spec, fused_aggregate
 from .reference import fused_aggregate_reference
@@ -21,8 +22,11 @@ __all__ = [
     "SAEPProjector",
     "aggregate_spec",
     "available_backends",
+    "cpu_capabilities",
+    "cpu_capability",
     "fused_aggregate",
     "fused_aggregate_reference",
     "num_output_tokens",
+    "set_cpu_capability",
     "__version__",
 ]

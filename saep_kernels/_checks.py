@@ -99,6 +99,12 @@ def check_inputs(
             )
     tokens, channels = int(first.shape[1]), int(first.shape[2])
     num_layers = len(hidden_states)
+    if channels == 0:
+        raise ValueError("hidden_states must have at least one channel (C >= 1), got shape "
+                         f"{tuple(first.shape)}")
+    if tokens == 0:
+        raise ValueError("hidden_states must have at least one token (T = num_prefix_tokens + "
+                         f"H*W >= 1), got shape {tuple(first.shape)}")
 
     if not _is_int(num_prefix_tokens) or num_prefix_tokens < 0:
         raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")

@@ -26,7 +26,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["FORWARD_TOLERANCES", "REDUCTION_RTOL", "assert_forward_close", "assert_grad_close"]
+__all__ = ["FORWARD_TOLERANCES", "REDUCTION_RTOL", "assert_forward_close", "assert_grad_close",
+           "assert_nonfinite_agree"]
 
 FORWARD_TOLERANCES = {
     torch.float64: dict(rtol=1e-12, atol=1e-12),
@@ -69,3 +70,31 @@ def assert_grad_close(actual: Optional[torch.Tensor], expected: Optional[torch.T
     scale = max(float(expected.detach().abs().max().float()), 1.0)
     torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=rtol, atol=rtol * scale,
                                msg=lambda m: f"{name}\n{m}")
+
+
+def assert_nonfinite_agree(actual: torch.Tensor, expected: torch.Tensor, name: str,
+                           exact: bool, reduction: bool = False) -> None:
+    """A result computed from inputs holding NaN/Inf against the reference's, as docs/op.md
+    ("Non-finite values") promises: non-finite in the same elements (``exact``: the very same
+    NaN, +Inf or -Inf), the finite elements within the tolerances above."""
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    assert a.dtype == e.dtype and a.shape == e.shape, name
+    finite = torch.isfinite(e)
+    where = torch.nonzero(torch.isfinite(a) != finite)
+    assert where.numel() == 0, (f"{name}: non-finite in other elements than the reference, "
+                                f"first at {where[0].tolist()}: got {a[tuple(where[0])]}, "
+                                f"reference {e[tuple(where[0])]}")
+    if exact:
+        same = (torch.isnan(a) == torch.isnan(e)) & (finite | torch.isnan(e) | (a == e))
+        where = torch.nonzero(~same)
+        assert where.numel() == 0, (f"{name}: another NaN/Inf than the reference at "
+                                    f"{where[0].tolist()}: got {a[tuple(where[0])]}, "
+                                    f"reference {e[tuple(where[0])]}")
+    a, e = a[finite], e[finite]
+    if not reduction:
+        torch.testing.assert_close(a, e, **FORWARD_TOLERANCES[e.dtype],
+                                   msg=lambda m: f"{name}\n{m}")
+        return
+    rtol = REDUCTION_RTOL[e.dtype]
+    scale = max(float(e.abs().max().float()) if e.numel() else 0.0, 1.0)
+    torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name}\n{m}")

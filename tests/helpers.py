@@ -6,7 +6,11 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from saep_kernels.testing import assert_forward_close, assert_grad_close
+from saep_kernels.testing import assert_forward_close, assert_grad_close, assert_nonfinite_agree
+
+# how the weight and the bias, and grad_out, may be laid out (make_params, make_grad_out)
+PARAM_LAYOUTS = ("contiguous", "strided", "permuted")
+GRAD_LAYOUTS = ("contiguous", "strided", "transposed", "expanded")
 
 
 def make_layers(batch: int, height: int, width: int, channels: int, num_layers: int,
@@ -43,15 +47,48 @@ def make_layers(batch: int, height: int, width: int, channels: int, num_layers: 
 
 
 def make_params(num_layers: int, channels: int, ksize: int, dtype=torch.float32, device="cpu",
-                bias: bool = True, requires_grad: bool = False):
+                bias: bool = True, requires_grad: bool = False, layout: str = "contiguous"):
+    """The depthwise weight [K*C, 1, k, k] and bias [K*C] (or None).
+
+    layout: "contiguous"; "strided" (every other channel of a larger parameter: weight[::2],
+    bias[::2]); "permuted" (weight stored tap-major, [k, k, 1, K*C] viewed as [K*C, 1, k, k];
+    bias a column of a [K*C, 3] matrix)."""
     kc = num_layers * channels
-    w = (torch.randn(kc, 1, ksize, ksize) / ksize).to(device=device, dtype=dtype)
-    b = torch.randn(kc).to(device=device, dtype=dtype) if bias else None
+    if layout == "contiguous":
+        w = torch.randn(kc, 1, ksize, ksize)
+        b = torch.randn(kc)
+    elif layout == "strided":
+        w = torch.randn(2 * kc, 1, ksize, ksize)[::2]
+        b = torch.randn(2 * kc)[::2]
+    elif layout == "permuted":
+        w = torch.randn(ksize, ksize, 1, kc).permute(3, 2, 0, 1)
+        b = torch.randn(kc, 3)[:, 1]
+    else:
+        raise ValueError(layout)
+    w = (w / ksize).to(device=device, dtype=dtype)
+    b = b.to(device=device, dtype=dtype) if bias else None
     if requires_grad:
-        w.requires_grad_()
+        w = w.detach().requires_grad_()
         if b is not None:
-            b.requires_grad_()
+            b = b.detach().requires_grad_()
     return w, b
+
+
+def make_grad_out(like: torch.Tensor, layout: str = "contiguous") -> torch.Tensor:
+    """A random gradient for an output shaped like ``like`` [B, N, K*C]: "contiguous";
+    "strided" (every other channel of a wider buffer); "transposed" ([B, K*C, N] storage);
+    "expanded" (one row broadcast with stride 0, as the gradient of a weighted sum)."""
+    B, N, KC = like.shape
+    make = dict(dtype=like.dtype, device=like.device)
+    if layout == "contiguous":
+        return torch.randn(B, N, KC, **make)
+    if layout == "strided":
+        return torch.randn(B, N, 2 * KC, **make)[..., ::2]
+    if layout == "transposed":
+        return torch.randn(B, KC, N, **make).transpose(1, 2)
+    if layout == "expanded":
+        return torch.randn(1, 1, KC, **make).expand(B, N, KC)
+    raise ValueError(layout)
 
 
 def grads(out: torch.Tensor, inputs: Sequence[Optional[torch.Tensor]], grad_out: torch.Tensor):
@@ -61,18 +98,27 @@ def grads(out: torch.Tensor, inputs: Sequence[Optional[torch.Tensor]], grad_out:
     return [next(got) if (t is not None and t.requires_grad) else None for t in inputs]
 
 
-def check_forward_and_grads(backend: str, layers, weight, bias, kwargs: dict, label: str) -> None:
+def check_forward_and_grads(backend: str, layers, weight, bias, kwargs: dict, label: str,
+                            grad_layout: str = "contiguous", nonfinite: bool = False) -> None:
     """The backend's output and every gradient (hidden states, weight, bias) against the
-    reference's, for a random grad_out."""
+    reference's, for a random grad_out laid out as ``grad_layout``. ``nonfinite``: the inputs
+    hold NaN/Inf; compare as docs/op.md promises for them (``assert_nonfinite_agree``)."""
     from saep_kernels import fused_aggregate, fused_aggregate_reference
 
     got_out = fused_aggregate(layers, weight, bias, backend=backend, **kwargs)
     want_out = fused_aggregate_reference(layers, weight, bias, **kwargs)
-    assert_forward_close(got_out, want_out, label)
-    gy = torch.randn_like(want_out)
+    if nonfinite:
+        assert_nonfinite_agree(got_out, want_out, label, exact=kwargs.get("pool") == "max")
+    else:
+        assert_forward_close(got_out, want_out, label)
+    gy = make_grad_out(want_out, grad_layout)
     inputs = [*layers, weight, bias]
     for i, (g, r) in enumerate(zip(grads(got_out, inputs, gy), grads(want_out, inputs, gy))):
-        assert_grad_close(g, r, f"input {i} of {label}", reduction=i >= len(layers))
+        name, reduction = f"input {i} of {label}", i >= len(layers)
+        if nonfinite and r is not None and g is not None:
+            assert_nonfinite_agree(g, r, name, exact=False, reduction=reduction)
+        else:
+            assert_grad_close(g, r, name, reduction=reduction)
 
 
 class deterministic_algorithms:

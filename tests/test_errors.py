@@ -6,6 +6,7 @@ import torch
 import saep_kernels
 from saep_kernels import BackendUnavailable, SAEPProjector, fused_aggregate
 from saep_kernels.backends import extension, triton
+from conftest import target_params
 from helpers import make_layers, make_params
 
 
@@ -212,3 +213,22 @@ def test_projector_bad_config(kw, pattern):
     args.update(kw)
     with pytest.raises(ValueError, match=pattern):
         SAEPProjector(**args)
+
+
+EMPTY_AXIS_BACKENDS = ["reference"] + [p.values[0][0] for p in target_params()
+                                       if p.values[0][1] == "cpu"]
+
+
+@pytest.mark.parametrize("backend", EMPTY_AXIS_BACKENDS)
+@pytest.mark.parametrize("shape, grid, prefix, pattern", [
+    ((2, 17, 0), None, 1, r"at least one channel \(C >= 1\), got shape \(2, 17, 0\)"),
+    ((2, 0, 3), (0, 4), 0, r"at least one token .*got shape \(2, 0, 3\)"),
+    ((2, 0, 3), None, 0, r"at least one token .*got shape \(2, 0, 3\)"),
+], ids=["C=0", "H=0", "T=0"])
+def test_empty_channel_or_token_axis_is_a_clear_error(backend, shape, grid, prefix, pattern):
+    """C = 0 and T = 0 (no grid) raise the same ValueError naming hidden_states with every
+    backend (B = 0 gives an empty result: test_fused.py)."""
+    layers = [torch.randn(shape) for _ in range(2)]
+    w = torch.randn(2 * shape[2], 1, 3, 3)
+    with pytest.raises(ValueError, match=r"hidden_states must have " + pattern):
+        fused_aggregate(layers, w, None, grid=grid, num_prefix_tokens=prefix, backend=backend)

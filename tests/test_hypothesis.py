@@ -1,5 +1,6 @@
-"""Property-based tests: random shapes, options and layouts, every fused backend vs the
-reference (forward and gradients)."""
+"""Property-based tests: random shapes, options and layouts of every tensor argument (hidden
+states, weight, bias, grad_out), every fused backend vs the reference (forward and
+gradients)."""
 
 import pytest
 import torch
@@ -7,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import target_params
-from helpers import check_forward_and_grads, make_layers, make_params
+from helpers import (GRAD_LAYOUTS, PARAM_LAYOUTS, check_forward_and_grads, make_layers,
+                     make_params)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -31,6 +33,8 @@ def problems(draw):
         bias=draw(st.booleans()),
         dtype=draw(st.sampled_from(DTYPES)),
         layout=draw(st.sampled_from(["contiguous", "slice", "transposed"])),
+        param_layout=draw(st.sampled_from(PARAM_LAYOUTS)),
+        grad_layout=draw(st.sampled_from(GRAD_LAYOUTS)),
     )
 
 
@@ -39,10 +43,11 @@ def _check(backend, device, pr):
                          prefix=pr["prefix"], dtype=pr["dtype"], device=device,
                          layout=pr["layout"], requires_grad=True)
     w, b = make_params(pr["layers"], pr["channels"], pr["ksize"], dtype=pr["dtype"],
-                       device=device, bias=pr["bias"], requires_grad=True)
+                       device=device, bias=pr["bias"], requires_grad=True,
+                       layout=pr["param_layout"])
     kw = dict(grid=(pr["height"], pr["width"]), num_prefix_tokens=pr["prefix"],
               residual=pr["residual"], pool=pr["pool"])
-    check_forward_and_grads(backend, layers, w, b, kw, str(pr))
+    check_forward_and_grads(backend, layers, w, b, kw, str(pr), grad_layout=pr["grad_layout"])
 
 
 @pytest.mark.parametrize("target", target_params())

@@ -142,10 +142,12 @@ def fused_aggregate_bwd_weight_kernel(
             else:
                 _, _, count = window_extent(oi, oj, H, W)
                 gz = g / count.to(ACC)
-            gz = tl.where((i < H) & (j < W), gz, 0.0)  # a partial window's missing pixel
             rows = i + u - PAD
             cols = j + v - PAD
-            ok = t_mask & (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
+            # a partial window's missing pixel (i >= H or j >= W) takes no part: no 0 * x, x
+            # may be Inf (the last two terms are i < H and j < W per tap)
+            ok = (t_mask & (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
+                  & (rows < H + u - PAD) & (cols < W + v - PAD))
             tok = (prefix + rows * W + cols).to(tl.int64)
             xv = tl.load(x_base + tok[:, None] * stride_t + c[None, :],
                          mask=ok[:, None] & c_mask[None, :], other=0.0).to(ACC)

@@ -285,7 +285,7 @@ SAEP_DTYPE_ENTRY_POINTS(bwd, BwdParams, BackwardTask)
 }  // namespace
 
 void fused_aggregate_bwd(const BwdParams& p, const ParallelFor& parallel_for) {
-  run_tasks(p, parallel_for, bwd_f32, bwd_f64, bwd_bf16, bwd_f16);
+  run_tasks(p, parallel_for, bwd_entry_points);
 }
 
 }  // namespace cpu

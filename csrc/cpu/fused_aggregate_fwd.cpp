@@ -106,7 +106,7 @@ SAEP_DTYPE_ENTRY_POINTS(fwd, FwdParams, ForwardTask)
 }  // namespace
 
 void fused_aggregate_fwd(const FwdParams& p, const ParallelFor& parallel_for) {
-  run_tasks(p, parallel_for, fwd_f32, fwd_f64, fwd_bf16, fwd_f16);
+  run_tasks(p, parallel_for, fwd_entry_points);
 }
 
 }  // namespace cpu

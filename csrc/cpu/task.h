@@ -15,7 +15,8 @@
 // Inner loops run over chunks of L channels with local accumulator arrays; for a full chunk
 // L is a compile-time trip count, so the loops unroll into SIMD registers (the tail of C
 // takes the same code with a runtime length). On x86-64 each entry point is compiled for
-// AVX-512, AVX2+FMA and baseline, picked at load time (target_clones, SAEP_CLONES).
+// AVX-512, AVX2+FMA and baseline (SAEP_DTYPE_ENTRY_POINTS); the best this CPU runs is used
+// unless a lower one is chosen (cpu_capability.cpp).
 //
 // avg pool: a kxk conv, the residual and the 2x2 average fold into one stride-2 (k+1)x(k+1)
 // depthwise conv (docs/op.md section 4, `fold_avg`): 16 multiply-adds per output for k=3
@@ -33,11 +34,6 @@
 #include "fused_aggregate_cpu.h"
 #include "numeric.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(SAEP_NO_CLONES)
-#define SAEP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SAEP_CLONES
-#endif
 #if defined(__GNUC__) || defined(__clang__)
 #define SAEP_INLINE __attribute__((always_inline)) inline
 #define SAEP_LAMBDA_INLINE __attribute__((always_inline))
@@ -199,33 +195,58 @@ SAEP_INLINE void run_chunk(const Params& p, int64_t begin, int64_t end) {
   for (int64_t t = begin; t < end; ++t) TaskFn<T, A>::run(p, task_at(p.g, t), s);
 }
 
-// A direction's entry points: NAME_f32, NAME_f64, NAME_bf16, NAME_f16 run TASK over a range of
-// tasks, each one non-template function cloned per instruction set (SAEP_CLONES).
-#define SAEP_DTYPE_ENTRY_POINTS(NAME, PARAMS, TASK)                                           \
-  SAEP_CLONES void NAME##_f32(const PARAMS& p, int64_t b, int64_t e) {                        \
-    run_chunk<TASK, float, float>(p, b, e);                                                   \
-  }                                                                                           \
-  SAEP_CLONES void NAME##_f64(const PARAMS& p, int64_t b, int64_t e) {                        \
-    run_chunk<TASK, double, double>(p, b, e);                                                 \
-  }                                                                                           \
-  SAEP_CLONES void NAME##_bf16(const PARAMS& p, int64_t b, int64_t e) {                       \
-    run_chunk<TASK, bf16, float>(p, b, e);                                                    \
-  }                                                                                           \
-  SAEP_CLONES void NAME##_f16(const PARAMS& p, int64_t b, int64_t e) {                        \
-    run_chunk<TASK, f16, float>(p, b, e);                                                     \
-  }
-
 template <typename Params>
 using ChunkFn = void (*)(const Params&, int64_t, int64_t);
 
-// Runs the dtype's entry point (see SAEP_DTYPE_ENTRY_POINTS) over the problem's tasks.
+// One instruction set's entry points of a direction, one per dtype.
 template <typename Params>
-inline void run_tasks(const Params& p, const ParallelFor& parallel_for, ChunkFn<Params> f32,
-                      ChunkFn<Params> f64, ChunkFn<Params> bf16, ChunkFn<Params> f16) {
-  ChunkFn<Params> fn = p.g.dtype == DType::F64    ? f64
-                       : p.g.dtype == DType::BF16 ? bf16
-                       : p.g.dtype == DType::F16  ? f16
-                                                  : f32;
+struct DtypeEntryPoints {
+  ChunkFn<Params> f32, f64, bf16, f16;
+};
+
+#define SAEP_ENTRY_POINTS_FOR(NAME, ISA, TARGET, PARAMS, TASK)                                \
+  TARGET void NAME##_f32_##ISA(const PARAMS& p, int64_t b, int64_t e) {                       \
+    run_chunk<TASK, float, float>(p, b, e);                                                   \
+  }                                                                                           \
+  TARGET void NAME##_f64_##ISA(const PARAMS& p, int64_t b, int64_t e) {                       \
+    run_chunk<TASK, double, double>(p, b, e);                                                 \
+  }                                                                                           \
+  TARGET void NAME##_bf16_##ISA(const PARAMS& p, int64_t b, int64_t e) {                      \
+    run_chunk<TASK, bf16, float>(p, b, e);                                                    \
+  }                                                                                           \
+  TARGET void NAME##_f16_##ISA(const PARAMS& p, int64_t b, int64_t e) {                       \
+    run_chunk<TASK, f16, float>(p, b, e);                                                     \
+  }                                                                                           \
+  constexpr DtypeEntryPoints<PARAMS> NAME##_##ISA = {NAME##_f32_##ISA, NAME##_f64_##ISA,      \
+                                                     NAME##_bf16_##ISA, NAME##_f16_##ISA};
+
+// A direction's entry points, NAME_entry_points[capability]: TASK over a range of tasks, one
+// non-template function per dtype and instruction set (each compiled with its target, the
+// kernels inlined into it).
+#if SAEP_CPU_MULTI_ISA
+#define SAEP_DTYPE_ENTRY_POINTS(NAME, PARAMS, TASK)                                           \
+  SAEP_ENTRY_POINTS_FOR(NAME, default, , PARAMS, TASK)                                        \
+  SAEP_ENTRY_POINTS_FOR(NAME, avx2, __attribute__((target("arch=x86-64-v3"))), PARAMS, TASK) \
+  SAEP_ENTRY_POINTS_FOR(NAME, avx512, __attribute__((target("arch=x86-64-v4"))), PARAMS,     \
+                        TASK)                                                                 \
+  constexpr DtypeEntryPoints<PARAMS> NAME##_entry_points[kNumCpuCapabilities] = {             \
+      NAME##_default, NAME##_avx2, NAME##_avx512};
+#else
+#define SAEP_DTYPE_ENTRY_POINTS(NAME, PARAMS, TASK)                                           \
+  SAEP_ENTRY_POINTS_FOR(NAME, default, , PARAMS, TASK)                                        \
+  constexpr DtypeEntryPoints<PARAMS> NAME##_entry_points[kNumCpuCapabilities] = {             \
+      NAME##_default, NAME##_default, NAME##_default};
+#endif
+
+// Runs the entry point of the dtype and the capability in use over the problem's tasks.
+template <typename Params>
+inline void run_tasks(const Params& p, const ParallelFor& parallel_for,
+                      const DtypeEntryPoints<Params> (&entry_points)[kNumCpuCapabilities]) {
+  const DtypeEntryPoints<Params>& e = entry_points[static_cast<int>(cpu_capability())];
+  ChunkFn<Params> fn = p.g.dtype == DType::F64    ? e.f64
+                       : p.g.dtype == DType::BF16 ? e.bf16
+                       : p.g.dtype == DType::F16  ? e.f16
+                                                  : e.f32;
   parallel_for(num_tasks(p.g), [&](int64_t b, int64_t e) { fn(p, b, e); });
 }
 

@@ -71,9 +71,15 @@ __global__ void __launch_bounds__(kMaxThreads) fused_aggregate_fwd_kernel(FwdPar
         const int u = tap / KSIZE, v = tap % KSIZE;
         A xf[VEC], w[VEC];
         pixel(dy + u, dx + v, xf);
-        staged_tap<A, VEC, KSIZE>(blk.ws, blk.ch_block, cv, u, v, g.residual, w);
+        staged_tap<A, VEC, KSIZE>(blk.ws, blk.ch_block, cv, u, v, false, w);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) z[i] += w[i] * xf[i];
+      }
+      if (g.residual) {  // added, not folded into the centre tap: Inf - Inf is NaN, as in z
+        A xf[VEC];
+        pixel(dy + KSIZE / 2, dx + KSIZE / 2, xf);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) z[i] += xf[i];
       }
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {

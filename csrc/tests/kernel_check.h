@@ -16,14 +16,29 @@
 namespace saep {
 namespace test {
 
-// |got - want| <= atol + rtol * |want|, counted and reported.
+// Non-finite values (docs/op.md, "Non-finite values"): Exact, the same NaN/+Inf/-Inf as the
+// naive loops; Mask, non-finite where they are (folded arithmetic may turn a NaN into an Inf).
+enum class NonFinite { Exact, Mask };
+
+// |got - want| <= atol + rtol * |want| for finite values, counted and reported.
 struct Checker {
   std::string what;
   double rtol, atol;
+  NonFinite nonfinite = NonFinite::Exact;
   int64_t bad = 0, total = 0;
   double worst = 0;
   void operator()(double got, double want) {
     ++total;
+    if (!std::isfinite(got) || !std::isfinite(want)) {
+      const bool same = nonfinite == NonFinite::Exact
+                            ? (std::isnan(got) && std::isnan(want)) || got == want
+                            : !std::isfinite(got) && !std::isfinite(want);
+      if (!same) {
+        if (bad < 3) std::printf("    %s: got %.9g want %.9g\n", what.c_str(), got, want);
+        ++bad;
+      }
+      return;
+    }
     const double err = std::fabs(got - want);
     const double lim = atol + rtol * std::fabs(want);
     if (!(err <= lim)) {
@@ -115,7 +130,8 @@ inline int64_t check_problem(const Backend& be, const Problem& pr, uint32_t seed
   };
   {
     const Tolerance tol = forward_tolerance(pr.dtype);
-    Checker ch{"forward", tol.rtol, tol.atol};
+    Checker ch{"forward", tol.rtol, tol.atol,
+               pr.pool == Pool::Max ? NonFinite::Exact : NonFinite::Mask};
     for (int64_t i = 0; i < out.size(); ++i) ch(out.get(i), ex.out[size_t(i)]);
     report(ch);
   }
@@ -160,7 +176,7 @@ inline int64_t check_problem(const Backend& be, const Problem& pr, uint32_t seed
 
     if (need_x) {
       const Tolerance tol = forward_tolerance(pr.dtype);
-      Checker ch{"grad_x", tol.rtol, tol.atol};
+      Checker ch{"grad_x", tol.rtol, tol.atol, NonFinite::Mask};
       Checker prefix{"grad_x prefix rows untouched", 0, 0};
       for (int l = 0; l < pr.layers; ++l)
         for (int64_t b = 0; b < pr.batch; ++b)
@@ -177,11 +193,13 @@ inline int64_t check_problem(const Backend& be, const Problem& pr, uint32_t seed
       report(prefix);
     }
     double scale_w = 1, scale_b = 1;
-    for (double v : ex.grad_w) scale_w = std::max(scale_w, std::fabs(v));
-    for (double v : ex.grad_b) scale_b = std::max(scale_b, std::fabs(v));
+    for (double v : ex.grad_w)
+      if (std::isfinite(v)) scale_w = std::max(scale_w, std::fabs(v));
+    for (double v : ex.grad_b)
+      if (std::isfinite(v)) scale_b = std::max(scale_b, std::fabs(v));
     const double rtol = reduction_rtol(pr.dtype);
-    Checker cw{need_x ? "grad_w" : "grad_w (weights only)", rtol, rtol * scale_w};
-    Checker cb{need_x ? "grad_b" : "grad_b (weights only)", rtol, rtol * scale_b};
+    Checker cw{need_x ? "grad_w" : "grad_w (weights only)", rtol, rtol * scale_w, NonFinite::Mask};
+    Checker cb{need_x ? "grad_b" : "grad_b (weights only)", rtol, rtol * scale_b, NonFinite::Mask};
     for (int64_t i = 0; i < taps * KC; ++i) {
       double s = 0;
       for (int64_t q = 0; q < parts; ++q) s += gw.get(size_t(q * taps * KC + i));
@@ -278,6 +296,22 @@ inline std::vector<Problem> standard_problems() {
     blocks.width = 6;
     out.push_back(blocks);
   }
+  // +Inf, -Inf and NaN inputs: max pooling gives the naive loops' very NaN/Inf values
+  for (Pool pool : {Pool::Max, Pool::Avg})
+    for (bool residual : {true, false})
+      for (DType dt : {DType::F32, DType::BF16}) {
+        Problem special = out.front();
+        special.pool = pool;
+        special.residual = residual;
+        special.dtype = dt;
+        special.ksize = 3;
+        special.batch = 2;
+        special.height = 6;
+        special.width = 5;
+        special.channels = 16;
+        special.nonfinite = true;
+        out.push_back(special);
+      }
   return out;
 }
 

@@ -29,15 +29,17 @@ struct Problem {
   DType dtype;
   int64_t pad_t = 0;  // extra elements between tokens (token stride = C + pad_t)
   int64_t pad_b = 0;  // extra elements between images
+  bool nonfinite = false;  // +Inf, -Inf and NaN among each layer's values
 
   std::string name() const {
     static const char* dt[] = {"f32", "f16", "bf16", "f64"};
     char buf[256];
-    std::snprintf(buf, sizeof buf, "%s B%lld C%lld %lldx%lld P%lld K%d k%d %s%s%s strided=%d",
+    std::snprintf(buf, sizeof buf, "%s B%lld C%lld %lldx%lld P%lld K%d k%d %s%s%s strided=%d%s",
                   dt[int(dtype)], (long long)batch, (long long)channels, (long long)height,
                   (long long)width, (long long)prefix, layers, ksize,
                   pool == Pool::Avg ? "avg" : "max", residual ? " res" : "",
-                  bias ? " bias" : "", int(pad_t > 0 || pad_b > 0));
+                  bias ? " bias" : "", int(pad_t > 0 || pad_b > 0),
+                  nonfinite ? " nonfinite" : "");
     return buf;
   }
   int64_t tokens() const { return geometry().tokens(); }
@@ -109,6 +111,15 @@ inline Inputs make_inputs(const Problem& pr, uint32_t seed) {
   for (int l = 0; l < pr.layers; ++l) {
     Buffer buf(pr.dtype, pr.layer_elems());
     for (int64_t i = 0; i < buf.size(); ++i) buf.set(i, normal(rng));
+    if (pr.nonfinite && pr.batch > 0) {
+      const double special[] = {INFINITY, -INFINITY, NAN, INFINITY};
+      for (double v : special) {
+        const int64_t b = int64_t(rng() % uint64_t(pr.batch));
+        const int64_t t = pr.prefix + int64_t(rng() % uint64_t(pr.height * pr.width));
+        const int64_t c = int64_t(rng() % uint64_t(pr.channels));
+        buf.set(b * pr.stride_b() + t * pr.stride_t() + c, v);
+      }
+    }
     in.layers.push_back(std::move(buf));
   }
   const int taps = pr.ksize * pr.ksize;
@@ -167,7 +178,7 @@ inline Expected naive(const Problem& pr, const Inputs& in, const std::vector<uin
               if (i >= H || j >= W) continue;
               const double z = naive_z(pr, in, b, kc, i, j);
               acc += z;
-              best = std::max(best, z);
+              if (z > best || z != z) best = z;  // NaN wins, as in torch.max_pool2d
               ++n;
             }
           ex.out[size_t(o)] = pr.pool == Pool::Avg ? acc / n : best;

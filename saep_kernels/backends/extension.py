@@ -6,12 +6,18 @@ The extension tells what it was built with (``HAS_CPU``, ``HAS_CUDA``) and the m
 kernels take (``MAX_LAYERS``: they hold the K layer pointers in a fixed-size table). It is
 loaded once, with the package; without it the package still imports and these backends say
 why they are unavailable.
+
+The CPU kernels are compiled for several instruction sets ("default", "avx2", "avx512" on
+x86-64); the best one this CPU runs is used unless ``SAEP_CPU_CAPABILITY`` (read at load, like
+PyTorch's ``ATEN_CPU_CAPABILITY``) or ``set_cpu_capability`` picks another.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Optional
+import os
+import warnings
+from typing import Optional, Tuple
 
 import torch
 
@@ -28,6 +34,49 @@ def _load_extension():
 
 
 EXTENSION, MISSING_REASON = _load_extension()
+
+CPU_CAPABILITY_ENV = "SAEP_CPU_CAPABILITY"
+CPU_CAPABILITY_NAMES = ("default", "avx2", "avx512")  # lowest first
+
+
+def cpu_capabilities() -> Tuple[str, ...]:
+    """The instruction sets the CPU kernels are compiled for and this CPU runs, best last
+    (empty without the compiled extension)."""
+    return tuple(EXTENSION.cpu_capabilities()) if EXTENSION is not None else ()
+
+
+def cpu_capability() -> Optional[str]:
+    """The instruction set whose CPU kernels run now (None without the compiled extension)."""
+    return EXTENSION.cpu_capability() if EXTENSION is not None else None
+
+
+def set_cpu_capability(name: str) -> None:
+    """Run the CPU kernels compiled for ``name`` (one of ``cpu_capabilities()``) from now on,
+    in every thread."""
+    if EXTENSION is None:
+        raise RuntimeError(MISSING_REASON)
+    EXTENSION.set_cpu_capability(name)
+
+
+def _apply_capability_env() -> None:
+    """``SAEP_CPU_CAPABILITY``: an unknown name is an error; a known one this CPU does not run
+    gives the best one below it, with a warning."""
+    wanted = os.environ.get(CPU_CAPABILITY_ENV)
+    if not wanted or EXTENSION is None:
+        return
+    if wanted not in CPU_CAPABILITY_NAMES:
+        raise ValueError(f"{CPU_CAPABILITY_ENV} must be one of {CPU_CAPABILITY_NAMES}, "
+                         f"got {wanted!r}")
+    runnable = cpu_capabilities()
+    rank = CPU_CAPABILITY_NAMES.index
+    usable = [c for c in runnable if rank(c) <= rank(wanted)]
+    if usable[-1] != wanted:
+        warnings.warn(f"{CPU_CAPABILITY_ENV}={wanted!r}: not run by this CPU or not compiled "
+                      f"here (available: {runnable}); using {usable[-1]!r}")
+    set_cpu_capability(usable[-1])
+
+
+_apply_capability_env()
 
 
 class ExtensionBackend(FusedBackend):
