@@ -76,3 +76,16 @@ def test_cpu_backend_correct_under(capability):
     tail = run.stdout[-4000:] + run.stderr[-2000:]
     assert run.returncode == 0, f"cpu tests under {capability!r} failed:\n{tail}"
     assert " passed" in run.stdout and " failed" not in run.stdout, tail
+
+
+def test_capability_the_cpu_cannot_run_falls_back_with_a_warning(monkeypatch):
+    from saep_kernels.backends import extension
+
+    chosen = []
+    monkeypatch.setenv(CPU_CAPABILITY_ENV, "avx512")
+    monkeypatch.setattr(extension, "EXTENSION", object())  # any loaded extension
+    monkeypatch.setattr(extension, "cpu_capabilities", lambda: ("default", "avx2"))
+    monkeypatch.setattr(extension, "set_cpu_capability", chosen.append)
+    with pytest.warns(UserWarning, match=r"SAEP_CPU_CAPABILITY='avx512'.*using 'avx2'"):
+        extension._apply_capability_env()
+    assert chosen == ["avx2"]
