@@ -25,7 +25,7 @@ from helpers import GRAD_LAYOUTS, PARAM_LAYOUTS, check_forward_and_grads, make_l
 
 SEED = int(os.environ.get("SAEP_FUZZ_SEED", "20261124"))
 CASES = {"triton-cpu": 40, "triton-cuda": 300}
-DEFAULT_CASES = 400
+DEFAULT_CASES = 2000
 BUDGET_S = {"triton-cpu": 60}
 DEFAULT_BUDGET_S = 60
 ONLY_CASES = os.environ.get("SAEP_FUZZ_CASES")
