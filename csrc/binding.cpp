@@ -136,5 +136,15 @@ extern "C" PyObject* PyInit__C(void) {
   PyModule_AddIntConstant(m, "HAS_CUDA", 0);
 #endif
   PyModule_AddIntConstant(m, "MAX_LAYERS", saep::kMaxLayers);
+  // every instruction-set name, lowest first (cpu_capabilities: those usable here)
+  PyObject* names = PyTuple_New(saep::cpu::kNumCpuCapabilities);
+  if (names == nullptr) return nullptr;
+  for (int c = 0; c < saep::cpu::kNumCpuCapabilities; ++c)
+    PyTuple_SET_ITEM(names, c, PyUnicode_FromString(saep::cpu::cpu_capability_name(
+                                   static_cast<saep::cpu::CpuCapability>(c))));
+  if (PyModule_AddObject(m, "CPU_CAPABILITY_NAMES", names) != 0) {
+    Py_DECREF(names);
+    return nullptr;
+  }
   return m;
 }

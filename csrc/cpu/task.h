@@ -16,7 +16,7 @@
 // L is a compile-time trip count, so the loops unroll into SIMD registers (the tail of C
 // takes the same code with a runtime length). On x86-64 each entry point is compiled for
 // AVX-512, AVX2+FMA and baseline (SAEP_DTYPE_ENTRY_POINTS); the best this CPU runs is used
-// unless a lower one is chosen (cpu_capability.cpp).
+// unless another is chosen (cpu_capability.cpp).
 //
 // avg pool: a kxk conv, the residual and the 2x2 average fold into one stride-2 (k+1)x(k+1)
 // depthwise conv (docs/op.md section 4, `fold_avg`): 16 multiply-adds per output for k=3
@@ -242,11 +242,11 @@ struct DtypeEntryPoints {
 template <typename Params>
 inline void run_tasks(const Params& p, const ParallelFor& parallel_for,
                       const DtypeEntryPoints<Params> (&entry_points)[kNumCpuCapabilities]) {
-  const DtypeEntryPoints<Params>& e = entry_points[static_cast<int>(cpu_capability())];
-  ChunkFn<Params> fn = p.g.dtype == DType::F64    ? e.f64
-                       : p.g.dtype == DType::BF16 ? e.bf16
-                       : p.g.dtype == DType::F16  ? e.f16
-                                                  : e.f32;
+  const DtypeEntryPoints<Params>& isa = entry_points[static_cast<int>(cpu_capability())];
+  ChunkFn<Params> fn = p.g.dtype == DType::F64    ? isa.f64
+                       : p.g.dtype == DType::BF16 ? isa.bf16
+                       : p.g.dtype == DType::F16  ? isa.f16
+                                                  : isa.f32;
   parallel_for(num_tasks(p.g), [&](int64_t b, int64_t e) { fn(p, b, e); });
 }
 

@@ -36,7 +36,8 @@ def _load_extension():
 EXTENSION, MISSING_REASON = _load_extension()
 
 CPU_CAPABILITY_ENV = "SAEP_CPU_CAPABILITY"
-CPU_CAPABILITY_NAMES = ("default", "avx2", "avx512")  # lowest first
+# every name the kernels know, lowest first ("default", "avx2", "avx512")
+CPU_CAPABILITY_NAMES = tuple(EXTENSION.CPU_CAPABILITY_NAMES) if EXTENSION is not None else ()
 
 
 def cpu_capabilities() -> Tuple[str, ...]:
