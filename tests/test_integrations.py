@@ -229,3 +229,45 @@ def test_core_package_does_not_import_transformers():
 
     code = "import sys, saep_kernels; sys.exit('transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_apply_saep_takes_an_int_layer():
+    model, processor = tiny_llava.build_llava()
+    hf.apply_saep(model, layers=-2, processor=processor)
+    assert model.config.saep["layers"] == [-2]
+    inputs = processor(images=image(), text=PROMPT, return_tensors="pt")
+    assert model(**inputs).logits.isfinite().all()
+    with pytest.raises(TypeError, match="layers must be an int or a sequence of ints"):
+        hf.apply_saep(tiny_llava.build_llava()[0], layers="-2")
+
+
+def test_apply_saep_twice_keeps_the_trained_projector(llava):
+    model, processor = llava
+    with torch.no_grad():
+        for p in model.model.multi_modal_projector.parameters():
+            p.add_(1.0)  # "trained"
+    before = {k: v.clone() for k, v in model.model.multi_modal_projector.state_dict().items()}
+    projector = model.model.multi_modal_projector
+    hf.apply_saep(model, layers=(-2, -3, -4), processor=processor, backend="reference")
+    assert model.model.multi_modal_projector is projector
+    assert projector.backend == "reference" and model.config.saep["backend"] == "reference"
+    after = projector.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="already has an SAEP projector"):
+        hf.apply_saep(model, layers=(-2,))
+    assert all(torch.equal(before[k], v) for k, v in projector.state_dict().items())
+
+
+def test_llava_builders_name_what_is_wrong():
+    from types import SimpleNamespace
+
+    vision = tiny_llava.build_llava()[0].model.vision_tower  # 4 layers: 5 hidden states
+    with pytest.raises(ValueError, match=r"select_layer: -9 is not a hidden state .*5 entries"):
+        MultiLayerVisionTower(vision, select_layer=[-9])
+    for missing in ("mm_hidden_size", "hidden_size"):
+        config = dict(mm_projector_type="saep", mm_hidden_size=32, hidden_size=64)
+        del config[missing]
+        with pytest.raises(ValueError, match=rf"config.{missing} .* is missing"):
+            build_vision_projector(SimpleNamespace(**config))
+    assert isinstance(build_vision_projector(SimpleNamespace(mm_projector_type="identity")),
+                      torch.nn.Module)

@@ -67,6 +67,16 @@ class MultiLayerVisionTower(nn.Module):
         self.select_layer = (select_layer,) if isinstance(select_layer, int) else \
             tuple(select_layer)
         self.select_feature = select_feature
+        n = getattr(getattr(vision_model, "config", None), "num_hidden_layers", None)
+        if isinstance(n, int):
+            for i in self.select_layer:
+                self._check_layer(i, n + 1)
+
+    @staticmethod
+    def _check_layer(i: int, entries: int) -> None:
+        if not -entries <= i < entries:
+            raise ValueError(f"select_layer: {i} is not a hidden state of the vision tower "
+                             f"(hidden_states has {entries} entries)")
 
     @property
     def hidden_size(self) -> int:
@@ -74,6 +84,8 @@ class MultiLayerVisionTower(nn.Module):
 
     def forward(self, images: torch.Tensor) -> VisionFeatures:
         out = self.vision_model(images, output_hidden_states=True, return_dict=True)
+        for i in self.select_layer:
+            self._check_layer(i, len(out.hidden_states))
         hidden = tuple(out.hidden_states[i] for i in self.select_layer)
         prefix = 1 if self.select_feature == "patch" else 0
         side = math.isqrt(hidden[0].shape[1] - prefix)
@@ -119,6 +131,13 @@ def build_vision_projector(config, **kwargs) -> nn.Module:
     selection. ``config`` needs ``mm_hidden_size`` (the tower's width) and ``hidden_size``
     (the LLM's); ``mm_vision_select_layer`` may be a list."""
     projector_type = getattr(config, "mm_projector_type", "linear")
+    if projector_type == "identity":
+        return _Identity()
+    for name, what in (("mm_hidden_size", "the vision tower's width"),
+                       ("hidden_size", "the LLM's width")):
+        if getattr(config, name, None) is None:
+            raise ValueError(f"config.{name} ({what}) is missing: build_vision_projector needs "
+                             f"it for mm_projector_type={projector_type!r}")
     layers = select_layers(config)
     in_dim = config.mm_hidden_size * len(layers)  # the channel concat for non-SAEP types
     out_dim = config.hidden_size
@@ -137,7 +156,5 @@ def build_vision_projector(config, **kwargs) -> nn.Module:
         for _ in range(1, int(match.group(1))):
             modules += [nn.GELU(), nn.Linear(out_dim, out_dim)]
         return _Sequential(*modules)
-    if projector_type == "identity":
-        return _Identity()
     raise ValueError(f"Unknown projector type: {projector_type!r} (known: 'linear', "
                      f"'mlp<N>x_gelu', 'identity', 'saep')")

@@ -27,8 +27,9 @@ Needs transformers >= 5.0 (``LlavaModel.get_image_features`` returning a
 from __future__ import annotations
 
 import math
+import operator
 import types
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 
@@ -224,25 +225,54 @@ def _check_model(model) -> None:
                         f"LlavaNextForConditionalGeneration, got {type(model).__name__}")
 
 
-def apply_saep(model, layers: Sequence[int] = DEFAULT_LAYERS, kernel_size: int = 3,
+def apply_saep(model, layers: Union[int, Sequence[int]] = DEFAULT_LAYERS, kernel_size: int = 3,
                pool: str = "avg", residual: bool = True, backend: str = "auto",
                processor=None):
     """Turn a LLaVA / LLaVA-NeXT model into its SAEP version, in place, and return it.
 
-    The new projector is freshly initialised (train it, or load an SAEP checkpoint). Pass the
-    model's ``processor`` to adapt its image-token count too (see ``adapt_processor``).
+    ``layers``: the vision layers to aggregate, an int or a sequence of ints (indices into the
+    tower's ``hidden_states``, as ``vision_feature_layer``). The new projector is freshly
+    initialised (train it, or load an SAEP checkpoint). On a model that already has an SAEP
+    projector with the same layers, kernel size, pool and residual, the projector and its
+    weights are kept (only ``backend`` changes); other settings raise, since they would discard
+    its weights. Pass the model's ``processor`` to adapt its image-token count too (see
+    ``adapt_processor``).
     """
     _check_model(model)
+    layers = _layer_list(layers)
     n = model.config.vision_config.num_hidden_layers
     for i in layers:
-        if not -(n + 1) <= int(i) <= n:
+        if not -(n + 1) <= i <= n:
             raise ValueError(f"layers: {i} is not a hidden state of a {n}-layer vision tower "
                              f"(hidden_states has {n + 1} entries)")
-    _set_saep(model.config, layers, kernel_size, pool, residual, backend)
-    _install(model)
+    current = getattr(model.config, "saep", None)
+    if isinstance(model.model.multi_modal_projector, SAEPProjector) and current is not None:
+        wanted = dict(layers=layers, kernel_size=kernel_size, pool=pool, residual=residual)
+        have = {key: current[key] for key in wanted}
+        if have != wanted:
+            raise ValueError(
+                f"the model already has an SAEP projector ({have}); apply_saep with {wanted} "
+                "would replace it and its weights with a fresh one: start from the base model "
+                "instead, or pass the model's own settings")
+        _set_saep(model.config, layers, kernel_size, pool, residual, backend)
+        model.model.multi_modal_projector.backend = backend
+    else:
+        _set_saep(model.config, layers, kernel_size, pool, residual, backend)
+        _install(model)
     if processor is not None:
         adapt_processor(processor, model)
     return model
+
+
+def _layer_list(layers) -> list:
+    """``layers`` as a list of ints: one int, or a sequence of them."""
+    items = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+    try:
+        if any(isinstance(i, bool) for i in items):
+            raise TypeError
+        return [operator.index(i) for i in items]
+    except TypeError:
+        raise TypeError(f"layers must be an int or a sequence of ints, got {layers!r}") from None
 
 
 class PooledPatchSize(int):
