@@ -271,3 +271,22 @@ def test_llava_builders_name_what_is_wrong():
             build_vision_projector(SimpleNamespace(**config))
     assert isinstance(build_vision_projector(SimpleNamespace(mm_projector_type="identity")),
                       torch.nn.Module)
+
+
+@pytest.mark.parametrize("build", ["build_llava", "build_llava_next"])
+def test_saved_saep_model_loads_through_the_auto_classes(build, tmp_path):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    model, processor = getattr(tiny_llava, build)()
+    hf.apply_saep(model, layers=(-2, -3), processor=processor)
+    assert model.config.image_seq_length == hf.saep_image_tokens(model.config)
+    model.eval().save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert config.architectures == [type(model).__name__] and config.model_type.startswith("saep_")
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded.model.multi_modal_projector, SAEPProjector)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    inputs = processor(images=image(), text=PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)

@@ -11,10 +11,14 @@
 ``vision_feature_layer`` to the chosen layers, and routes those layers' hidden states to the
 fused op as they are (no ``torch.cat``), skipping the CLS token when the model's
 ``vision_feature_select_strategy`` is ``"default"`` (CLIP) and keeping every token when it is
-``"full"`` (SigLIP has no CLS). The settings are stored in ``config.saep``, so
-``save_pretrained`` writes a checkpoint (safetensors) that
-``SAEPLlavaForConditionalGeneration.from_pretrained`` (or the LLaVA-NeXT twin) rebuilds; the
-same classes build an SAEP model from a config for training from scratch (``saep_config``).
+``"full"`` (SigLIP has no CLS). The settings are stored in ``config.saep``, and the model
+and its config are re-labelled as the SAEP classes (``SAEPLlavaForConditionalGeneration``,
+model_type "saep_llava"; the LLaVA-NeXT twins), so ``save_pretrained`` writes a checkpoint
+that ``AutoModelForImageTextToText.from_pretrained`` (and so pipelines) or the SAEP class
+itself rebuilds, once this module is imported (it registers the SAEP config and model
+classes with transformers' Auto classes). ``config.image_seq_length`` counts SAEP's tokens.
+The same classes build an SAEP model from a config for training from scratch
+(``saep_config``). Applying SAEP again with the same settings keeps the trained projector.
 
 ``adapt_processor`` makes the processor insert as many image tokens as SAEP emits: the
 2x2-pooled grid (ceil mode), e.g. 24x24 -> 12x12 = 144 for CLIP-L/14-336, 27x27 -> 14x14 = 196
@@ -52,6 +56,7 @@ if int(transformers.__version__.split(".")[0]) < 5:
 
 __all__ = ["apply_saep", "adapt_processor", "saep_config", "saep_image_tokens", "PooledPatchSize",
            "image_features",
+           "SAEPLlavaConfig", "SAEPLlavaNextConfig",
            "SAEPLlavaForConditionalGeneration", "SAEPLlavaNextForConditionalGeneration"]
 
 DEFAULT_LAYERS = (-2, -5, -8, -11)
@@ -88,8 +93,10 @@ def saep_config(config, layers: Sequence[int] = DEFAULT_LAYERS, kernel_size: int
                 pool: str = "avg", residual: bool = True, backend: str = "auto"):
     """A copy of a LLaVA / LLaVA-NeXT config describing its SAEP version (``config.saep`` and
     the list-valued ``vision_feature_layer``); build the model with the SAEP classes."""
-    config = config.__class__.from_dict(config.to_dict())
-    _set_saep(config, layers, kernel_size, pool, residual, backend)
+    cls = {LlavaConfig: SAEPLlavaConfig, LlavaNextConfig: SAEPLlavaNextConfig}.get(
+        type(config), type(config))
+    config = cls.from_dict(config.to_dict())
+    _set_saep(config, _layer_list(layers), kernel_size, pool, residual, backend)
     return config
 
 
@@ -98,6 +105,8 @@ def _set_saep(config, layers, kernel_size, pool, residual, backend):
     if not layers:
         raise ValueError("layers must name at least one vision layer")
     config.vision_feature_layer = layers
+    if hasattr(config, "image_seq_length"):  # image tokens per image (per crop for NeXT)
+        config.image_seq_length = saep_image_tokens(config)
     config.saep = dict(layers=layers, kernel_size=kernel_size, pool=pool, residual=residual,
                        backend=backend)
 
@@ -259,6 +268,7 @@ def apply_saep(model, layers: Union[int, Sequence[int]] = DEFAULT_LAYERS, kernel
     else:
         _set_saep(model.config, layers, kernel_size, pool, residual, backend)
         _install(model)
+    _as_saep_classes(model)
     if processor is not None:
         adapt_processor(processor, model)
     return model
@@ -318,18 +328,55 @@ class _SAEPFromConfig:
         _install(self)
 
 
+class SAEPLlavaConfig(LlavaConfig):
+    """LlavaConfig of an SAEP model (``model_type`` "saep_llava", registered with AutoConfig
+    when this module is imported)."""
+
+    model_type = "saep_llava"
+
+
+class SAEPLlavaNextConfig(LlavaNextConfig):
+    """LlavaNextConfig of an SAEP model (``model_type`` "saep_llava_next")."""
+
+    model_type = "saep_llava_next"
+
+
 class SAEPLlavaForConditionalGeneration(_SAEPFromConfig, LlavaForConditionalGeneration):
     """LLaVA with an SAEP projector, built from a config that has ``saep`` settings
-    (``saep_config``), or loaded with ``from_pretrained`` from a checkpoint saved after
-    ``apply_saep``."""
+    (``saep_config``), or loaded with ``from_pretrained`` (or ``AutoModelForImageTextToText``)
+    from a checkpoint saved after ``apply_saep``."""
 
-    config_class = LlavaConfig
+    config_class = SAEPLlavaConfig
 
 
 class SAEPLlavaNextForConditionalGeneration(_SAEPFromConfig, LlavaNextForConditionalGeneration):
     """LLaVA-NeXT with an SAEP projector (every anyres crop through the fused op)."""
 
-    config_class = LlavaNextConfig
+    config_class = SAEPLlavaNextConfig
+
+
+# the stock class of a model -> its SAEP class (apply_saep re-labels the model with it)
+_SAEP_CLASSES = {LlavaForConditionalGeneration: SAEPLlavaForConditionalGeneration,
+                 LlavaNextForConditionalGeneration: SAEPLlavaNextForConditionalGeneration}
+
+
+def _as_saep_classes(model) -> None:
+    """Re-label a stock LLaVA(-NeXT) model and its config as their SAEP subclasses (which add
+    no state), so that ``save_pretrained`` writes the SAEP ``architectures`` and
+    ``model_type`` and the Auto classes load it back as SAEP."""
+    for stock, saep in _SAEP_CLASSES.items():
+        if type(model) is stock:
+            model.__class__ = saep
+        if type(model.config) is stock.config_class:
+            model.config.__class__ = saep.config_class
+
+
+def _register_auto_classes() -> None:
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    for cls in (SAEPLlavaForConditionalGeneration, SAEPLlavaNextForConditionalGeneration):
+        AutoConfig.register(cls.config_class.model_type, cls.config_class, exist_ok=True)
+        AutoModelForImageTextToText.register(cls.config_class, cls, exist_ok=True)
 
 
 def _share_checkpoint_layout() -> None:
@@ -344,7 +391,9 @@ def _share_checkpoint_layout() -> None:
                             (SAEPLlavaNextForConditionalGeneration, "llava_next")):
         mapping = get_checkpoint_conversion_mapping(model_type)
         if mapping is not None:
-            register_checkpoint_conversion_mapping(cls.__name__, mapping, overwrite=True)
+            for name in (cls.__name__, cls.config_class.model_type):
+                register_checkpoint_conversion_mapping(name, mapping, overwrite=True)
 
 
 _share_checkpoint_layout()
+_register_auto_classes()
