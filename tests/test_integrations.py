@@ -290,3 +290,18 @@ def test_saved_saep_model_loads_through_the_auto_classes(build, tmp_path):
     inputs = processor(images=image(), text=PROMPT, return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
+
+
+@pytest.mark.parametrize("build", ["build_llava", "build_llava_next"])
+def test_apply_saep_to_the_base_model(build):
+    """LlavaModel / LlavaNextModel (no LM head) as well as the generation classes."""
+    full, processor = getattr(tiny_llava, build)()
+    base = full.model
+    assert type(base).__name__ in ("LlavaModel", "LlavaNextModel")
+    hf.apply_saep(base, layers=(-2, -3), processor=processor)
+    assert isinstance(base.multi_modal_projector, SAEPProjector)
+    inputs = processor(images=image(), text=PROMPT, return_tensors="pt")
+    out = base(**inputs)
+    assert out.last_hidden_state.shape[:2] == inputs["input_ids"].shape
+    if build == "build_llava":  # NeXT packs crops and newlines into one sequence per image
+        assert out.image_hidden_states.shape[1] == hf.saep_image_tokens(base.config)

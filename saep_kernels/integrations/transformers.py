@@ -41,8 +41,9 @@ from ..modules import SAEPProjector
 
 try:
     import transformers
-    from transformers import (LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
-                              LlavaNextForConditionalGeneration)
+    from transformers import (LlavaConfig, LlavaForConditionalGeneration, LlavaModel,
+                              LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextModel)
     from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
                                                                     image_size_to_num_patches,
                                                                     unpad_image)
@@ -163,7 +164,7 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     tower, the selected layers, the SAEP projector. Unlike ``get_image_features`` (whose
     per-image list fixes the batch size in a traced graph) it compiles once for every batch
     size under ``torch.compile(dynamic=True)``."""
-    inner = model.model if hasattr(model, "model") else model
+    inner = _inner(model)
     layers, strategy = _resolve(inner, None, None)
     _, hidden = _tower_layers(inner, pixel_values, layers, {})
     return _project(inner, hidden, strategy)
@@ -214,7 +215,7 @@ def _install(model) -> None:
     ``model.config.saep``."""
     config = model.config
     settings = config.saep
-    inner = model.model
+    inner = _inner(model)
     old = inner.multi_modal_projector
     ref = next(old.parameters(), None)
     projector = SAEPProjector(
@@ -228,10 +229,20 @@ def _install(model) -> None:
     inner.get_image_features = types.MethodType(impl, inner)
 
 
+_MODEL_CLASSES = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaModel,
+                  LlavaNextModel)
+
+
 def _check_model(model) -> None:
-    if not isinstance(model, (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)):
-        raise TypeError("apply_saep takes a LlavaForConditionalGeneration or "
-                        f"LlavaNextForConditionalGeneration, got {type(model).__name__}")
+    if not isinstance(model, _MODEL_CLASSES):
+        raise TypeError("apply_saep takes a LlavaForConditionalGeneration, "
+                        "LlavaNextForConditionalGeneration, LlavaModel or LlavaNextModel, got "
+                        f"{type(model).__name__}")
+
+
+def _inner(model):
+    """The LlavaModel / LlavaNextModel holding the tower and the projector."""
+    return model if isinstance(model, (LlavaModel, LlavaNextModel)) else model.model
 
 
 def apply_saep(model, layers: Union[int, Sequence[int]] = DEFAULT_LAYERS, kernel_size: int = 3,
@@ -255,7 +266,7 @@ def apply_saep(model, layers: Union[int, Sequence[int]] = DEFAULT_LAYERS, kernel
             raise ValueError(f"layers: {i} is not a hidden state of a {n}-layer vision tower "
                              f"(hidden_states has {n + 1} entries)")
     current = getattr(model.config, "saep", None)
-    if isinstance(model.model.multi_modal_projector, SAEPProjector) and current is not None:
+    if isinstance(_inner(model).multi_modal_projector, SAEPProjector) and current is not None:
         wanted = dict(layers=layers, kernel_size=kernel_size, pool=pool, residual=residual)
         have = {key: current[key] for key in wanted}
         if have != wanted:
@@ -264,7 +275,7 @@ def apply_saep(model, layers: Union[int, Sequence[int]] = DEFAULT_LAYERS, kernel
                 "would replace it and its weights with a fresh one: start from the base model "
                 "instead, or pass the model's own settings")
         _set_saep(model.config, layers, kernel_size, pool, residual, backend)
-        model.model.multi_modal_projector.backend = backend
+        _inner(model).multi_modal_projector.backend = backend
     else:
         _set_saep(model.config, layers, kernel_size, pool, residual, backend)
         _install(model)
@@ -367,8 +378,8 @@ def _as_saep_classes(model) -> None:
     for stock, saep in _SAEP_CLASSES.items():
         if type(model) is stock:
             model.__class__ = saep
-        if type(model.config) is stock.config_class:
-            model.config.__class__ = saep.config_class
+            if type(model.config) is stock.config_class:
+                model.config.__class__ = saep.config_class
 
 
 def _register_auto_classes() -> None:
