@@ -304,4 +304,4 @@ def test_apply_saep_to_the_base_model(build):
     out = base(**inputs)
     assert out.last_hidden_state.shape[:2] == inputs["input_ids"].shape
     if build == "build_llava":  # NeXT packs crops and newlines into one sequence per image
-        assert out.image_hidden_states.shape[1] == hf.saep_image_tokens(base.config)
+        assert out.image_hidden_states.shape[-2] == hf.saep_image_tokens(base.config)
