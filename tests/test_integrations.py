@@ -305,3 +305,16 @@ def test_apply_saep_to_the_base_model(build):
     assert out.last_hidden_state.shape[:2] == inputs["input_ids"].shape
     if build == "build_llava":  # NeXT packs crops and newlines into one sequence per image
         assert out.image_hidden_states.shape[-2] == hf.saep_image_tokens(base.config)
+
+
+def test_projector_follows_the_models_initialisation():
+    """As transformers' test_initialization checks: with a near-zero initializer_range every
+    projector parameter starts at 0 (weights) or 0/1 (biases, norms) like the stock one."""
+    model, _ = tiny_llava.build_llava()
+    config = hf.saep_config(model.config, layers=(-2, -3))
+    config.text_config.initializer_range = 1e-10
+    config.initializer_range = 1e-10
+    scratch = hf.SAEPLlavaForConditionalGeneration(config)
+    for name, p in scratch.model.multi_modal_projector.named_parameters():
+        mean = round(float(p.detach().mean()) * 1e9) / 1e9
+        assert mean in (0.0, 1.0), (name, mean)

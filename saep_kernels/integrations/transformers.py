@@ -223,6 +223,9 @@ def _install(model) -> None:
         llm_dim=config.text_config.hidden_size, kernel_size=settings["kernel_size"],
         pool=settings["pool"], residual=settings["residual"], backend=settings["backend"],
         device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+    if hasattr(model, "_init_weights"):  # the model's own initialisation (initializer_range)
+        with torch.no_grad():
+            projector.apply(model._init_weights)
     inner.multi_modal_projector = projector
     inner.config.vision_feature_layer = list(settings["layers"])
     impl = _llava_next_image_features if hasattr(inner, "image_newline") else _llava_image_features
