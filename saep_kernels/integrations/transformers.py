@@ -126,10 +126,17 @@ def _project(inner, hidden_states, strategy):
     prefix = _prefix(strategy)
     tokens = hidden_states[0].shape[1]
     if tokens - prefix != side * side:
+        wanted = f"the config's {side}x{side} patch grid"
+        if tokens - (1 - prefix) == side * side:  # the CLS token counted wrongly
+            raise ValueError(
+                f"the vision tower gave {tokens} tokens per image, but {wanted} with "
+                f"vision_feature_select_strategy={strategy!r} needs {side * side + prefix}; use "
+                f"'default' for towers with a CLS token and 'full' for towers without (SigLIP)")
         raise ValueError(
-            f"the vision tower gave {tokens} tokens per image, but a {side}x{side} grid with "
-            f"vision_feature_select_strategy={strategy!r} needs {side * side + prefix}; use "
-            f"'default' for towers with a CLS token and 'full' for towers without (SigLIP)")
+            f"the vision tower gave {tokens} tokens per image ({prefix} before the grid), not "
+            f"{wanted} (vision_config.image_size / patch_size): SAEP pools the grid of images "
+            f"at the tower's own resolution; images of other sizes (interpolate_pos_encoding"
+            f"=True) are not supported, resize them to vision_config.image_size")
     return inner.multi_modal_projector(hidden_states, grid=(side, side), num_prefix_tokens=prefix)
 
 
@@ -241,6 +248,12 @@ def _check_model(model) -> None:
         raise TypeError("apply_saep takes a LlavaForConditionalGeneration, "
                         "LlavaNextForConditionalGeneration, LlavaModel or LlavaNextModel, got "
                         f"{type(model).__name__}")
+    tower = getattr(model.config.vision_config, "model_type", None)
+    if tower == "pixtral":
+        raise ValueError("apply_saep: this LLaVA has a Pixtral vision tower, which takes each "
+                         "image at its own size (a different patch grid per image, no CLS "
+                         "token); SAEP here needs one fixed grid per model (variable grids are "
+                         "not supported yet)")
 
 
 def _inner(model):
