@@ -154,12 +154,13 @@ def test_compile_image_feature_path_fullgraph_dynamic_batch(llava):
     def features(pixel_values):
         return hf.image_features(model, pixel_values)
 
-    with torch.no_grad():
-        features(pixels[:1])  # transformers installs its output-capturing hooks on first call
     torch._dynamo.reset()
     # Dynamo (graph capture, graph breaks, guards) is what this checks; aot_eager traces the
     # fake/autograd path of the op without paying Inductor's C++ build for a whole tower.
-    compiled = torch.compile(features, fullgraph=True, dynamic=True, backend="aot_eager")
+    # The model was never called: compile_image_features runs the warm-up transformers needs
+    # (with transformers 5.x a plain torch.compile of it fails: "Unsupported context manager").
+    compiled = hf.compile_image_features(model, fullgraph=True, dynamic=True,
+                                         backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(pixels[:2]), features(pixels[:2]), rtol=1e-4,
                                    atol=1e-5)
@@ -336,3 +337,4 @@ def test_images_at_another_resolution_get_a_message_that_says_so(llava):
     pixels = torch.randn(1, 3, 84, 84)  # the tower's config is 56x56: 6x6 patches, not 4x4
     with pytest.raises(ValueError, match="images of other sizes .*interpolate_pos_encoding"):
         model.model.get_image_features(pixels, interpolate_pos_encoding=True)
+

@@ -30,6 +30,7 @@ Needs transformers >= 5.0 (``LlavaModel.get_image_features`` returning a
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import types
@@ -56,7 +57,7 @@ if int(transformers.__version__.split(".")[0]) < 5:
                       f"{transformers.__version__}")
 
 __all__ = ["apply_saep", "adapt_processor", "saep_config", "saep_image_tokens", "PooledPatchSize",
-           "image_features",
+           "image_features", "compile_image_features",
            "SAEPLlavaConfig", "SAEPLlavaNextConfig",
            "SAEPLlavaForConditionalGeneration", "SAEPLlavaNextForConditionalGeneration"]
 
@@ -175,6 +176,19 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     layers, strategy = _resolve(inner, None, None)
     _, hidden = _tower_layers(inner, pixel_values, layers, {})
     return _project(inner, hidden, strategy)
+
+
+def compile_image_features(model, **compile_kwargs):
+    """``torch.compile(lambda pixel_values: image_features(model, pixel_values),
+    **compile_kwargs)``, ready for ``fullgraph=True``: transformers installs its
+    output-capturing hooks on a tower's first call, in a context manager Dynamo cannot trace,
+    so this first runs the tower once eagerly on one blank image of the tower's size."""
+    inner = _inner(model)
+    size = inner.config.vision_config.image_size
+    ref = next(inner.vision_tower.parameters())
+    with torch.no_grad():
+        image_features(model, torch.zeros(1, 3, size, size, device=ref.device, dtype=ref.dtype))
+    return torch.compile(functools.partial(image_features, model), **compile_kwargs)
 
 
 def _pack_crops(self, features, image_sizes, side):
