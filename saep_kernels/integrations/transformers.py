@@ -14,7 +14,7 @@ fused op as they are (no ``torch.cat``), skipping the CLS token when the model's
 ``"full"`` (SigLIP has no CLS). The settings are stored in ``config.saep``, and the model
 and its config are re-labelled as the SAEP classes (``SAEPLlavaForConditionalGeneration``,
 model_type "saep_llava"; the LLaVA-NeXT twins), so ``save_pretrained`` writes a checkpoint
-that ``AutoModelForImageTextToText.from_pretrained`` (and so pipelines) or the SAEP class
+that ``AutoModelForImageTextToText.from_pretrained`` or the SAEP class
 itself rebuilds, once this module is imported (it registers the SAEP config and model
 classes with transformers' Auto classes). ``config.image_seq_length`` counts SAEP's tokens.
 The same classes build an SAEP model from a config for training from scratch
