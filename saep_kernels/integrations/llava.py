@@ -44,6 +44,14 @@ class VisionFeatures(NamedTuple):
         return tokens[0] if len(tokens) == 1 else torch.cat(tokens, dim=-1)
 
 
+def check_hidden_state_index(argument: str, index: int, entries: int) -> None:
+    """A ValueError naming ``argument`` unless ``index`` picks one of a tower's ``entries``
+    hidden states (the embeddings and each layer's output; negative from the end)."""
+    if not -entries <= index < entries:
+        raise ValueError(f"{argument}: {index} is not a hidden state of the vision tower "
+                         f"(hidden_states has {entries} entries)")
+
+
 def select_layers(config) -> Tuple[int, ...]:
     """``mm_vision_select_layer`` as a tuple (LLaVA's default: -2)."""
     layers = getattr(config, "mm_vision_select_layer", -2)
@@ -70,13 +78,7 @@ class MultiLayerVisionTower(nn.Module):
         n = getattr(getattr(vision_model, "config", None), "num_hidden_layers", None)
         if isinstance(n, int):
             for i in self.select_layer:
-                self._check_layer(i, n + 1)
-
-    @staticmethod
-    def _check_layer(i: int, entries: int) -> None:
-        if not -entries <= i < entries:
-            raise ValueError(f"select_layer: {i} is not a hidden state of the vision tower "
-                             f"(hidden_states has {entries} entries)")
+                check_hidden_state_index("select_layer", i, n + 1)
 
     @property
     def hidden_size(self) -> int:
@@ -85,7 +87,7 @@ class MultiLayerVisionTower(nn.Module):
     def forward(self, images: torch.Tensor) -> VisionFeatures:
         out = self.vision_model(images, output_hidden_states=True, return_dict=True)
         for i in self.select_layer:
-            self._check_layer(i, len(out.hidden_states))
+            check_hidden_state_index("select_layer", i, len(out.hidden_states))
         hidden = tuple(out.hidden_states[i] for i in self.select_layer)
         prefix = 1 if self.select_feature == "patch" else 0
         side = math.isqrt(hidden[0].shape[1] - prefix)

@@ -39,6 +39,7 @@ from typing import Sequence, Union
 import torch
 
 from ..modules import SAEPProjector
+from .llava import check_hidden_state_index
 
 try:
     import transformers
@@ -95,9 +96,7 @@ def saep_config(config, layers: Sequence[int] = DEFAULT_LAYERS, kernel_size: int
                 pool: str = "avg", residual: bool = True, backend: str = "auto"):
     """A copy of a LLaVA / LLaVA-NeXT config describing its SAEP version (``config.saep`` and
     the list-valued ``vision_feature_layer``); build the model with the SAEP classes."""
-    cls = {LlavaConfig: SAEPLlavaConfig, LlavaNextConfig: SAEPLlavaNextConfig}.get(
-        type(config), type(config))
-    config = cls.from_dict(config.to_dict())
+    config = _SAEP_CONFIGS.get(type(config), type(config)).from_dict(config.to_dict())
     _set_saep(config, _layer_list(layers), kernel_size, pool, residual, backend)
     return config
 
@@ -290,13 +289,12 @@ def apply_saep(model, layers: Union[int, Sequence[int]] = DEFAULT_LAYERS, kernel
     """
     _check_model(model)
     layers = _layer_list(layers)
-    n = model.config.vision_config.num_hidden_layers
     for i in layers:
-        if not -(n + 1) <= i <= n:
-            raise ValueError(f"layers: {i} is not a hidden state of a {n}-layer vision tower "
-                             f"(hidden_states has {n + 1} entries)")
+        check_hidden_state_index("layers", i, model.config.vision_config.num_hidden_layers + 1)
     current = getattr(model.config, "saep", None)
-    if isinstance(_inner(model).multi_modal_projector, SAEPProjector) and current is not None:
+    projector = _inner(model).multi_modal_projector
+    keep = isinstance(projector, SAEPProjector) and current is not None
+    if keep:
         wanted = dict(layers=layers, kernel_size=kernel_size, pool=pool, residual=residual)
         have = {key: current[key] for key in wanted}
         if have != wanted:
@@ -304,10 +302,10 @@ def apply_saep(model, layers: Union[int, Sequence[int]] = DEFAULT_LAYERS, kernel
                 f"the model already has an SAEP projector ({have}); apply_saep with {wanted} "
                 "would replace it and its weights with a fresh one: start from the base model "
                 "instead, or pass the model's own settings")
-        _set_saep(model.config, layers, kernel_size, pool, residual, backend)
-        _inner(model).multi_modal_projector.backend = backend
+    _set_saep(model.config, layers, kernel_size, pool, residual, backend)
+    if keep:
+        projector.backend = backend  # the trained projector stays, with its weights
     else:
-        _set_saep(model.config, layers, kernel_size, pool, residual, backend)
         _install(model)
     _as_saep_classes(model)
     if processor is not None:
@@ -399,17 +397,17 @@ class SAEPLlavaNextForConditionalGeneration(_SAEPFromConfig, LlavaNextForConditi
 # the stock class of a model -> its SAEP class (apply_saep re-labels the model with it)
 _SAEP_CLASSES = {LlavaForConditionalGeneration: SAEPLlavaForConditionalGeneration,
                  LlavaNextForConditionalGeneration: SAEPLlavaNextForConditionalGeneration}
+_SAEP_CONFIGS = {stock.config_class: saep.config_class for stock, saep in _SAEP_CLASSES.items()}
 
 
 def _as_saep_classes(model) -> None:
     """Re-label a stock LLaVA(-NeXT) model and its config as their SAEP subclasses (which add
     no state), so that ``save_pretrained`` writes the SAEP ``architectures`` and
     ``model_type`` and the Auto classes load it back as SAEP."""
-    for stock, saep in _SAEP_CLASSES.items():
-        if type(model) is stock:
-            model.__class__ = saep
-            if type(model.config) is stock.config_class:
-                model.config.__class__ = saep.config_class
+    saep = _SAEP_CLASSES.get(type(model))
+    if saep is not None:
+        model.__class__ = saep
+        model.config.__class__ = _SAEP_CONFIGS.get(type(model.config), type(model.config))
 
 
 def _register_auto_classes() -> None:
