@@ -3,7 +3,8 @@
 #   make bench   set up, then run the default benchmark on the present device
 #   make test    set up, then run the whole test suite (what .ci/run runs): the C++ tests
 #                (CMake + ctest, plain and with AddressSanitizer; the CUDA kernels compiled
-#                with nvcc for sm_80/sm_90 when nvcc is there), then pytest
+#                with nvcc for sm_80/sm_90 when nvcc is there), the LLaVA codebase's pinned
+#                packages into build/llava-site (for tests/test_llava_codebase.py), then pytest
 #
 # Set-up keeps an installed torch (never up- or downgrades a user's GPU build); with no
 # torch it installs torch==2.13.0 (a CPU build on machines that have that wheel on disk).
@@ -19,7 +20,7 @@ ARGS ?=
 CMAKE_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 REQUIRE_EXTENSION := $(if $(shell command -v $${CXX:-c++} 2>/dev/null),1,0)
 
-.PHONY: setup bench test cpp-test gpu-resources cuda-build-check clean
+.PHONY: setup bench test cpp-test llava-site gpu-resources cuda-build-check clean
 
 setup:
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -35,8 +36,21 @@ setup:
 bench: setup
 	$(PYTHON) -m benchmarks $(ARGS)
 
-test: setup cpp-test
+test: setup cpp-test llava-site
 	$(PYTHON) -m pytest -q $(ARGS)
+
+# The LLaVA codebase (llava-torch) with the transformers it pins, installed without
+# dependencies into build/llava-site for tests/test_llava_codebase.py (seconds; reinstalled
+# when the requirements change). It goes ahead of the main environment on PYTHONPATH in
+# that test's subprocess only.
+LLAVA_SITE := build/llava-site
+llava-site: $(LLAVA_SITE)/.installed
+
+$(LLAVA_SITE)/.installed: tests/llava-codebase-requirements.txt
+	rm -rf $(LLAVA_SITE)
+	$(PIP) install --disable-pip-version-check -q --no-deps --target $(LLAVA_SITE) \
+		-r tests/llava-codebase-requirements.txt
+	touch $@
 
 cpp-test:
 	@if ! command -v cmake >/dev/null 2>&1; then echo "cpp-test: cmake not found, C++ tests skipped"; exit 0; fi; \

@@ -15,8 +15,6 @@ from PIL import Image  # noqa: E402
 
 from saep_kernels import SAEPProjector  # noqa: E402
 from saep_kernels.integrations import transformers as hf  # noqa: E402
-from saep_kernels.integrations.llava import (MultiLayerVisionTower, VisionFeatures,  # noqa: E402
-                                             build_vision_projector)
 from examples import tiny_llava  # noqa: E402
 
 PROMPT = "USER: <image> what is in this picture ASSISTANT:"
@@ -186,31 +184,6 @@ def test_compile_projector_inductor_dynamic_batch():
                     atol=1e-5)
 
 
-def test_llava_builder_switches_by_config():
-    from types import SimpleNamespace
-
-    vision = tiny_llava.build_llava()[0].model.vision_tower
-    tower = MultiLayerVisionTower(vision, select_layer=[-2, -3])
-    feats = tower(torch.randn(2, 3, 56, 56))
-    assert isinstance(feats, VisionFeatures) and feats.num_prefix_tokens == 1
-    assert feats.grid == (4, 4) and len(feats.hidden_states) == 2
-    base = dict(mm_hidden_size=32, hidden_size=64, mm_vision_select_layer=[-2, -3])
-    saep = build_vision_projector(SimpleNamespace(mm_projector_type="saep", **base))
-    assert saep(feats).shape == (2, 4, 64)
-    torch.testing.assert_close(saep(feats), SAEPProjector.forward(
-        saep, list(feats.hidden_states), grid=(4, 4), num_prefix_tokens=1))
-    mlp = build_vision_projector(SimpleNamespace(mm_projector_type="mlp2x_gelu", **base))
-    assert list(mlp.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]  # LLaVA's
-    assert mlp(feats).shape == (2, 16, 64)
-    torch.testing.assert_close(mlp(feats), mlp(feats.patches()))
-    assert build_vision_projector(SimpleNamespace(mm_projector_type="linear", **base))(
-        feats).shape == (2, 16, 64)
-    assert build_vision_projector(SimpleNamespace(mm_projector_type="identity", **base))(
-        feats).shape == (2, 16, 64)
-    with pytest.raises(ValueError, match="Unknown projector type"):
-        build_vision_projector(SimpleNamespace(mm_projector_type="qformer", **base))
-
-
 def test_example_script_runs():
     import subprocess
     import sys
@@ -257,21 +230,6 @@ def test_apply_saep_twice_keeps_the_trained_projector(llava):
     with pytest.raises(ValueError, match="already has an SAEP projector"):
         hf.apply_saep(model, layers=(-2,))
     assert all(torch.equal(before[k], v) for k, v in projector.state_dict().items())
-
-
-def test_llava_builders_name_what_is_wrong():
-    from types import SimpleNamespace
-
-    vision = tiny_llava.build_llava()[0].model.vision_tower  # 4 layers: 5 hidden states
-    with pytest.raises(ValueError, match=r"select_layer: -9 is not a hidden state .*5 entries"):
-        MultiLayerVisionTower(vision, select_layer=[-9])
-    for missing in ("mm_hidden_size", "hidden_size"):
-        config = dict(mm_projector_type="saep", mm_hidden_size=32, hidden_size=64)
-        del config[missing]
-        with pytest.raises(ValueError, match=rf"config.{missing} .* is missing"):
-            build_vision_projector(SimpleNamespace(**config))
-    assert isinstance(build_vision_projector(SimpleNamespace(mm_projector_type="identity")),
-                      torch.nn.Module)
 
 
 @pytest.mark.parametrize("build", ["build_llava", "build_llava_next"])
