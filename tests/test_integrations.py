@@ -266,6 +266,24 @@ def test_apply_saep_to_the_base_model(build):
         assert out.image_hidden_states.shape[-2] == hf.saep_image_tokens(base.config)
 
 
+@pytest.mark.parametrize("build", ["build_llava", "build_llava_next"])
+def test_saved_base_model_loads_through_automodel(build, tmp_path):
+    from transformers import AutoModel
+
+    full, processor = getattr(tiny_llava, build)()
+    base = full.model.eval()
+    hf.apply_saep(base, layers=(-2, -3), processor=processor)
+    assert type(base).__name__.startswith("SAEPLlava") and type(base).__name__.endswith("Model")
+    base.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(base)
+    a, b = base.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    inputs = processor(images=image(), text=PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(base(**inputs).last_hidden_state, loaded(**inputs).last_hidden_state)
+
+
 def test_projector_follows_the_models_initialisation():
     """As transformers' test_initialization checks: with a near-zero initializer_range every
     projector parameter starts at 0 (weights) or 0/1 (biases, norms) like the stock one."""
@@ -296,3 +314,27 @@ def test_images_at_another_resolution_get_a_message_that_says_so(llava):
     with pytest.raises(ValueError, match="images of other sizes .*interpolate_pos_encoding"):
         model.model.get_image_features(pixels, interpolate_pos_encoding=True)
 
+
+
+@pytest.mark.parametrize("build", ["build_llava", "build_llava_next"])
+def test_saved_model_and_processor_load_into_a_pipeline(build, tmp_path):
+    """save_pretrained of the model and its adapted processor; AutoProcessor and
+    pipeline("image-text-to-text") load both as SAEP and generate what the saved pair does."""
+    from transformers import AutoProcessor, pipeline
+
+    model, processor = getattr(tiny_llava, build)()
+    hf.apply_saep(model, layers=(-2, -3), processor=processor)
+    assert type(processor).__name__.startswith("SAEPLlava")
+    model.eval().save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is type(processor) and isinstance(loaded.patch_size, hf.PooledPatchSize)
+    inputs = processor(images=image(), text=PROMPT, return_tensors="pt")
+    again = loaded(images=image(), text=PROMPT, return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], again["input_ids"])
+    pipe = pipeline("image-text-to-text", model=str(tmp_path))
+    assert isinstance(pipe.model, type(model)) and type(pipe.processor) is type(processor)
+    out = pipe(images=image(), text=PROMPT, max_new_tokens=4, do_sample=False)
+    want = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    new = processor.decode(want[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert new.strip() and out[0]["generated_text"].endswith(new), (out, new)

@@ -45,7 +45,7 @@ try:
     import transformers
     from transformers import (LlavaConfig, LlavaForConditionalGeneration, LlavaModel,
                               LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextModel)
+                              LlavaNextModel, LlavaNextProcessor, LlavaProcessor)
     from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
                                                                     image_size_to_num_patches,
                                                                     unpad_image)
@@ -60,7 +60,9 @@ if int(transformers.__version__.split(".")[0]) < 5:
 __all__ = ["apply_saep", "adapt_processor", "saep_config", "saep_image_tokens", "PooledPatchSize",
            "image_features", "compile_image_features",
            "SAEPLlavaConfig", "SAEPLlavaNextConfig",
-           "SAEPLlavaForConditionalGeneration", "SAEPLlavaNextForConditionalGeneration"]
+           "SAEPLlavaForConditionalGeneration", "SAEPLlavaNextForConditionalGeneration",
+           "SAEPLlavaModel", "SAEPLlavaNextModel", "SAEPLlavaProcessor",
+           "SAEPLlavaNextProcessor"]
 
 DEFAULT_LAYERS = (-2, -5, -8, -11)
 
@@ -340,16 +342,48 @@ class PooledPatchSize(int):
         return f"PooledPatchSize({int(self)})"
 
 
+class _SAEPProcessor:
+    """A LLaVA processor counting SAEP's image tokens (``patch_size`` a ``PooledPatchSize``),
+    saved with its own ``processor_class`` so that ``AutoProcessor`` and pipelines load it
+    back counting them."""
+
+    # A data descriptor over the instance's own ``patch_size`` (which the processor's
+    # __init__ sets and save_pretrained writes as the tower's int).
+    @property
+    def patch_size(self):
+        value = self.__dict__.get("patch_size")
+        return None if value is None else PooledPatchSize(int(value))
+
+    @patch_size.setter
+    def patch_size(self, value):
+        self.__dict__["patch_size"] = value
+
+
+class SAEPLlavaProcessor(_SAEPProcessor, LlavaProcessor):
+    """LlavaProcessor of an SAEP model (what ``adapt_processor`` makes of a LlavaProcessor)."""
+
+
+class SAEPLlavaNextProcessor(_SAEPProcessor, LlavaNextProcessor):
+    """LlavaNextProcessor of an SAEP model."""
+
+
+_SAEP_PROCESSORS = {LlavaProcessor: SAEPLlavaProcessor, LlavaNextProcessor: SAEPLlavaNextProcessor}
+
+
 def adapt_processor(processor, model_or_config):
     """Make a LLaVA(-NeXT) processor insert SAEP's number of image tokens (in place): 576 ->
-    144 for CLIP-L/14-336, 27x27 -> 196 for SigLIP-384. A processor loaded from disk comes
-    back with the tower's plain patch size: adapt it again."""
+    144 for CLIP-L/14-336, 27x27 -> 196 for SigLIP-384. The processor becomes an
+    ``SAEPLlavaProcessor`` / ``SAEPLlavaNextProcessor``, which ``save_pretrained`` records, so
+    ``AutoProcessor.from_pretrained`` and pipelines load it back adapted."""
     config = getattr(model_or_config, "config", model_or_config)
     if getattr(config, "saep", None) is None:
         raise ValueError("the model has no SAEP projector: call apply_saep first (or build it "
                          "from saep_config)")
     patch = int(getattr(processor, "patch_size", None) or config.vision_config.patch_size)
     processor.patch_size = PooledPatchSize(patch)
+    saep = _SAEP_PROCESSORS.get(type(processor))
+    if saep is not None:
+        processor.__class__ = saep
     return processor
 
 
@@ -394,9 +428,22 @@ class SAEPLlavaNextForConditionalGeneration(_SAEPFromConfig, LlavaNextForConditi
     config_class = SAEPLlavaNextConfig
 
 
+class SAEPLlavaModel(_SAEPFromConfig, LlavaModel):
+    """The base LlavaModel (no LM head) with an SAEP projector (``AutoModel``)."""
+
+    config_class = SAEPLlavaConfig
+
+
+class SAEPLlavaNextModel(_SAEPFromConfig, LlavaNextModel):
+    """The base LlavaNextModel with an SAEP projector (``AutoModel``)."""
+
+    config_class = SAEPLlavaNextConfig
+
+
 # the stock class of a model -> its SAEP class (apply_saep re-labels the model with it)
 _SAEP_CLASSES = {LlavaForConditionalGeneration: SAEPLlavaForConditionalGeneration,
-                 LlavaNextForConditionalGeneration: SAEPLlavaNextForConditionalGeneration}
+                 LlavaNextForConditionalGeneration: SAEPLlavaNextForConditionalGeneration,
+                 LlavaModel: SAEPLlavaModel, LlavaNextModel: SAEPLlavaNextModel}
 _SAEP_CONFIGS = {stock.config_class: saep.config_class for stock, saep in _SAEP_CLASSES.items()}
 
 
@@ -411,11 +458,15 @@ def _as_saep_classes(model) -> None:
 
 
 def _register_auto_classes() -> None:
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-    for cls in (SAEPLlavaForConditionalGeneration, SAEPLlavaNextForConditionalGeneration):
+    for cls, base, processor in (
+            (SAEPLlavaForConditionalGeneration, SAEPLlavaModel, SAEPLlavaProcessor),
+            (SAEPLlavaNextForConditionalGeneration, SAEPLlavaNextModel, SAEPLlavaNextProcessor)):
         AutoConfig.register(cls.config_class.model_type, cls.config_class, exist_ok=True)
         AutoModelForImageTextToText.register(cls.config_class, cls, exist_ok=True)
+        AutoModel.register(cls.config_class, base, exist_ok=True)
+        AutoProcessor.register(cls.config_class, processor, exist_ok=True)
 
 
 def _share_checkpoint_layout() -> None:
