@@ -193,7 +193,8 @@ def run(tower_path: str, merge: str, tmp: str) -> None:
 def stock_tower(tower_path: str) -> None:
     """LLaVA's own CLIPVisionTower (one int layer, one tensor out) with the SAEP builder."""
     print("--- LLaVA's CLIPVisionTower with mm_projector_type='saep'")
-    args = SimpleNamespace(mm_vision_select_layer=-2, mm_vision_select_feature="patch")
+    args = SimpleNamespace(mm_vision_select_layer=-2, mm_vision_select_feature="patch",
+                           mm_projector_type="saep")
     stock = CLIPVisionTower(tower_path, args=args)
     ours = MultiLayerVisionTower(tower_path, args=args)
     config = SimpleNamespace(mm_projector_type="saep", mm_hidden_size=WIDTH, hidden_size=64,

@@ -130,9 +130,14 @@ def test_tower_has_llavas_interface_and_loads_lazily(clip_path):
 
 
 def test_tower_grid_counts_follow_the_projector_and_the_feature_choice(clip_path):
-    linear = build_vision_tower(llava_args(clip_path, mm_projector_type="mlp2x_gelu"),
-                                delay_load=True)
+    linear = build_vision_tower(llava_args(clip_path, mm_projector_type="mlp2x_gelu"))
     assert linear.num_patches_per_side == 4 and linear.num_patches == 16
+    saep = build_vision_tower(llava_args(clip_path))
+    pixels = torch.randn(2, 3, 56, 56)
+    # LLaVA's tensor for LLaVA's projectors (any nn.Linear works, a quantised one too)
+    out = linear(pixels)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 16, 64)
+    assert torch.equal(out, saep(pixels).patches())
     full = build_vision_tower(llava_args(clip_path, mm_vision_select_feature="cls_patch"))
     with pytest.raises(ValueError, match="17 tokens with select_feature='cls_patch' .*CLS"):
         full(torch.randn(1, 3, 56, 56))
@@ -148,7 +153,7 @@ def test_unfrozen_tower_records_gradients(clip_path):
 
 
 def test_tower_refuses_what_it_cannot_load(clip_path, tmp_path):
-    with pytest.raises(ValueError, match=r"select_layer: -9 is not a hidden state .*5 entries"):
+    with pytest.raises(ValueError, match=r"mm_vision_select_layer: -9 is not a hidden state"):
         build_vision_tower(llava_args(clip_path, mm_vision_select_layer="-2,-9"),
                            delay_load=True)
     with pytest.raises(ValueError, match="mm_vision_select_layer: '-2,x'"):
@@ -159,8 +164,27 @@ def test_tower_refuses_what_it_cannot_load(clip_path, tmp_path):
     tiny_llava.text_config().save_pretrained(text)
     with pytest.raises(ValueError, match="is a 'llama' model; MultiLayerVisionTower loads"):
         build_vision_tower(llava_args(str(text)))
+    with pytest.raises(ValueError, match="mm_vision_select_feature must be 'patch' or"):
+        build_vision_tower(llava_args(clip_path, mm_vision_select_feature="cls"))
     with pytest.raises(TypeError, match="vision_tower must be a model name"):
         MultiLayerVisionTower(3)
+    vision = tiny_llava.build_llava()[0].model.vision_tower
+    with pytest.raises(TypeError, match="args must be LLaVA's config .* select_layer="):
+        MultiLayerVisionTower(vision, [-2, -3])  # the layers given where args go
+
+
+def test_tower_wraps_a_module_without_a_config():
+    class Tower(torch.nn.Module):
+        def forward(self, images, output_hidden_states=True, return_dict=True):
+            x = images.flatten(2).transpose(1, 2)  # [B, H*W, 3]
+            return SimpleNamespace(hidden_states=(x, 2 * x, 3 * x))
+
+    tower = MultiLayerVisionTower(Tower(), select_layer=[-1, -2], select_feature="cls_patch")
+    assert tower.config is None
+    tower.vision_tower.register_parameter("p", torch.nn.Parameter(torch.zeros(1)))
+    feats = tower(torch.randn(2, 3, 4, 4))
+    assert feats.grid == (4, 4) and torch.equal(feats.hidden_states[0], 1.5 *
+                                                feats.hidden_states[1])
 
 
 def test_siglip_tower_by_name(tmp_path):
@@ -245,5 +269,6 @@ def test_patch_llava_without_training_dependencies(monkeypatch):
     monkeypatch.setitem(sys.modules, "llava.train.train", None)  # import fails
     with pytest.raises(ImportError):
         patch_llava()
+    assert modules["llava.model.llava_arch"].build_vision_projector == "LLaVA's"  # untouched
     patch_llava(command_line=False)
     assert modules["llava.model.llava_arch"].build_vision_projector is build_vision_projector

@@ -7,15 +7,16 @@ This module gives both builders, with the same signatures:
 * ``build_vision_tower`` returns a ``MultiLayerVisionTower``: LLaVA's ``CLIPVisionTower``
   interface (built from ``(vision_tower, args)``, lazy ``load_model``, ``image_processor``,
   ``is_loaded``, ``dtype``, ``device``, ``config``, ``hidden_size``, ``num_patches``,
-  ``num_patches_per_side``, ``dummy_feature``), for CLIP and SigLIP towers, returning every
-  selected layer as ``VisionFeatures`` (no concatenation: SAEP reads the layers in place and
-  skips the CLS token by offset). With ``mm_projector_type="saep"``, ``num_patches_per_side``
+  ``num_patches_per_side``, ``dummy_feature``), for CLIP towers (and SigLIP, with
+  transformers >= 4.37), returning the selected layers as ``VisionFeatures`` for SAEP (no
+  concatenation: SAEP reads the layers in place and skips the CLS token by offset) and as
+  LLaVA's one tensor for the other projector types. With ``mm_projector_type="saep"``, ``num_patches_per_side``
   and ``num_patches`` count the tokens the LLM sees, the 2x2-pooled grid (24 -> 12), which is
   what LLaVA-1.6's ``spatial_unpad`` reshapes with.
 * ``build_vision_projector`` knows ``"saep"`` (tuned by ``mm_saep_kernel_size``,
   ``mm_saep_pool``, ``mm_saep_residual``, ``mm_saep_backend``) next to LLaVA's ``"linear"``,
   ``"mlp<N>x_gelu"`` and ``"identity"`` (same parameter names, so LLaVA checkpoints load).
-  Each takes ``VisionFeatures``, and also the single tensor LLaVA's own ``CLIPVisionTower``
+  Each takes ``VisionFeatures`` and the single tensor LLaVA's own ``CLIPVisionTower``
   returns (for SAEP: one layer, or K layers concatenated along channels).
 * ``mm_vision_select_layer`` may be an int, a sequence of ints or a string of them,
   ``"-2,-5,-8,-11"`` (what a command line gives).
@@ -128,17 +129,31 @@ class MultiLayerVisionTower(nn.Module):
     """
 
     def __init__(self, vision_tower: Union[str, nn.Module], args=None, delay_load: bool = False,
-                 *, select_layer=None, select_feature: Optional[str] = None):
+                 *, select_layer=None, select_feature: Optional[str] = None,
+                 projector_type: Optional[str] = None):
         super().__init__()
-        self.select_layer = parse_select_layers(
-            select_layer if select_layer is not None else
-            getattr(args, "mm_vision_select_layer", -2),
-            "select_layer" if select_layer is not None else "mm_vision_select_layer")
-        self.select_feature = select_feature or getattr(args, "mm_vision_select_feature", "patch")
+        if isinstance(args, (int, str, list, tuple)):
+            raise TypeError(f"args must be LLaVA's config or model arguments, got {args!r}: pass "
+                            f"layers as select_layer=...")
+        # (value, the argument it came from) for every setting, so errors name what was set
+        if select_layer is not None:
+            layers, self._layer_argument = select_layer, "select_layer"
+        else:
+            layers = getattr(args, "mm_vision_select_layer", -2)
+            self._layer_argument = "mm_vision_select_layer"
+        self.select_layer = parse_select_layers(layers, self._layer_argument)
+        if select_feature is not None:
+            self.select_feature, feature_argument = select_feature, "select_feature"
+        else:
+            self.select_feature = getattr(args, "mm_vision_select_feature", "patch")
+            feature_argument = "mm_vision_select_feature"
         if self.select_feature not in ("patch", "cls_patch"):
-            raise ValueError(f"select_feature must be 'patch' or 'cls_patch', got "
+            raise ValueError(f"{feature_argument} must be 'patch' or 'cls_patch', got "
                              f"{self.select_feature!r}")
-        self.projector_type = getattr(args, "mm_projector_type", None) or "linear"
+        # LLaVA's default projector is "linear"; a tower built without LLaVA's arguments is
+        # SAEP's
+        self.projector_type = projector_type or (
+            getattr(args, "mm_projector_type", None) or "linear" if args is not None else "saep")
         self.is_loaded = False
         self.image_processor = None
         if isinstance(vision_tower, nn.Module):
@@ -175,7 +190,7 @@ class MultiLayerVisionTower(nn.Module):
         layers = getattr(self.config, "num_hidden_layers", None)
         if isinstance(layers, int):
             for i in self.select_layer:
-                check_hidden_state_index("select_layer", i, layers + 1)
+                check_hidden_state_index(self._layer_argument, i, layers + 1)
 
     def _require_loaded(self, what: str):
         if not self.is_loaded:
@@ -185,7 +200,7 @@ class MultiLayerVisionTower(nn.Module):
     def feature_select(self, outputs) -> VisionFeatures:
         hidden_states = outputs.hidden_states
         for i in self.select_layer:
-            check_hidden_state_index("select_layer", i, len(hidden_states))
+            check_hidden_state_index(self._layer_argument, i, len(hidden_states))
         hidden = tuple(hidden_states[i] for i in self.select_layer)
         prefix = 1 if self.select_feature == "patch" else 0
         side = math.isqrt(hidden[0].shape[1] - prefix)
@@ -195,18 +210,20 @@ class MultiLayerVisionTower(nn.Module):
                              f"a CLS token, 'cls_patch' is for towers without one)")
         return VisionFeatures(hidden, prefix, (side, side))
 
-    def _encode(self, images: torch.Tensor) -> VisionFeatures:
+    def _encode(self, images: torch.Tensor):
         out = self.vision_tower(images.to(device=self.device, dtype=self.dtype),
                                 output_hidden_states=True, return_dict=True)
         features = self.feature_select(out)
-        return features._replace(hidden_states=tuple(h.to(images.dtype)
-                                                     for h in features.hidden_states))
+        features = features._replace(hidden_states=tuple(h.to(images.dtype)
+                                                         for h in features.hidden_states))
+        return features if self.projector_type == "saep" else features.patches()
 
-    def forward(self, images: Union[torch.Tensor, List[torch.Tensor]]
-                ) -> Union[VisionFeatures, List[VisionFeatures]]:
-        """``VisionFeatures`` for a batch of images, a list of them for a list of images
-        (one per image, as LLaVA's tower does). Gradients are recorded only when a tower
-        parameter requires one (LLaVA's frozen tower runs without)."""
+    def forward(self, images: Union[torch.Tensor, List[torch.Tensor]]):
+        """For SAEP, ``VisionFeatures`` (the selected layers, read in place by the projector);
+        for LLaVA's other projectors, LLaVA's tensor [B, T, K*C] (the layers' tokens,
+        concatenated along channels), so any projector module takes it. A list of images
+        gives a list, one per image, as LLaVA's tower does. Gradients are recorded only when
+        a tower parameter requires one (LLaVA's frozen tower runs without)."""
         self._require_loaded("forward")
         trainable = any(p.requires_grad for p in self.vision_tower.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
@@ -230,7 +247,8 @@ class MultiLayerVisionTower(nn.Module):
 
     @property
     def config(self):
-        return self.vision_tower.config if self.is_loaded else self.cfg_only
+        """The vision model's config (None for a module built without one)."""
+        return getattr(self.vision_tower, "config", None) if self.is_loaded else self.cfg_only
 
     @property
     def hidden_size(self) -> int:
@@ -366,11 +384,12 @@ def patch_llava(command_line: bool = True) -> None:
     """
     import importlib
 
-    for module_name in ("llava.model.llava_arch", "llava.model.multimodal_encoder.builder"):
-        importlib.import_module(module_name).build_vision_tower = build_vision_tower
-    for module_name in ("llava.model.llava_arch", "llava.model.multimodal_projector.builder"):
-        importlib.import_module(module_name).build_vision_projector = build_vision_projector
-    if command_line:
-        train = importlib.import_module("llava.train.train")
+    arch, encoder, projector = (importlib.import_module(f"llava.model.{name}") for name in (
+        "llava_arch", "multimodal_encoder.builder", "multimodal_projector.builder"))
+    train = importlib.import_module("llava.train.train") if command_line else None
+    # every import done: nothing is patched when one of them fails
+    arch.build_vision_tower = encoder.build_vision_tower = build_vision_tower
+    arch.build_vision_projector = projector.build_vision_projector = build_vision_projector
+    if train is not None:
         train.ModelArguments.__annotations__["mm_vision_select_layer"] = Optional[str]
         train.ModelArguments.__dataclass_fields__["mm_vision_select_layer"].type = Optional[str]
