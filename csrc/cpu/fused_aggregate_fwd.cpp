@@ -13,26 +13,114 @@ namespace saep {
 namespace cpu {
 namespace {
 
+// One window over the channels [c_begin, C): any extent, out-of-grid pixels skipped.
+template <typename T, typename A>
+SAEP_INLINE void avg_window(const View<T, A>& v, const A* wv, const A* bias, int64_t oi,
+                            int64_t oj, T* o, int64_t c_begin) {
+  for_chunks<lanes<A>()>(v.C - c_begin, [&](auto chunk, int64_t cc, int64_t n) SAEP_LAMBDA_INLINE {
+    const int64_t len = SAEP_LEN(chunk, n);
+    const int64_t c = c_begin + cc;
+    A acc[lanes<A>()];
+    for (int64_t q = 0; q < len; ++q) acc[q] = bias ? bias[c + q] : A(0);
+    for_patch(v, oi, oj, [&](int a, int e, const T* x) SAEP_LAMBDA_INLINE {
+      const T* xp = x + c;
+      const A* wp = wv + (a * v.k1 + e) * v.C + c;
+      for (int64_t q = 0; q < len; ++q) acc[q] += ld<T, A>(xp[q]) * wp[q];
+    });
+    for (int64_t q = 0; q < len; ++q) o[c + q] = Convert<T, A>::store(acc[q]);
+  });
+}
+
+// Windows (oi, oj) and (oi, oj + 1) of one variant, whose patch columns 2oj - p .. 2oj + k + 2
+// - p are all in the grid, over the channels [0, C - C % kStep): each weight vector is loaded
+// once for both windows and each pixel once for the taps that use it. wv and bias are in
+// Packing's channel order. Returns the first channel not done. The taps add in the order
+// avg_window adds them.
+template <int K1, typename T, typename A>
+SAEP_INLINE int64_t avg_window_pair(const View<T, A>& v, const A* wv, int64_t ws,
+                                    const A* bias, int64_t oi, int64_t oj, T* o0, T* o1) {
+  using P = Packing<T, A>;
+  constexpr int VL = vec_lanes<A>(), NV = P::kVecs;
+  const int64_t C = v.C, st = v.st;
+  const int64_t r0 = 2 * oi - v.pad, j0 = 2 * oj - v.pad;
+  const int a_lo = int(std::max<int64_t>(0, -r0)), a_hi = int(std::min<int64_t>(K1, v.H - r0));
+  int64_t c = 0;
+  for (; c + P::kStep <= C; c += P::kStep) {
+    Vec<A> acc0[NV], acc1[NV];
+    for (int q = 0; q < NV; ++q)
+      acc0[q] = acc1[q] = bias ? VecIO<A, A>::load(bias + c + q * VL) : Vec<A>{};
+    for (int a = a_lo; a < a_hi; ++a) {
+      const T* row = v.px(r0 + a, j0) + c;
+      const A* wr = wv + a * K1 * ws + c;
+      Vec<A> x[K1 + 2][NV];
+#pragma GCC unroll 16
+      for (int e = 0; e < K1 + 2; ++e) P::load(row + e * st, x[e]);
+#pragma GCC unroll 16
+      for (int e = 0; e < K1; ++e)
+        for (int q = 0; q < NV; ++q) {
+          const Vec<A> w = VecIO<A, A>::load(wr + e * ws + q * VL);
+          acc0[q] += x[e][q] * w;
+          acc1[q] += x[e + 2][q] * w;
+        }
+    }
+    P::store(o0 + c, acc0);
+    P::store(o1 + c, acc1);
+  }
+  return c;
+}
+
+template <int K1, typename T, typename A>
+SAEP_INLINE void avg_forward_k(const FwdParams& p, const View<T, A>& v, const A* bias, T* out,
+                               Scratch<A>& s) {
+  using P = Packing<T, A>;
+  // the pair kernel's weights: one row of C (+ padding) per variant and tap, in Packing's
+  // channel order
+  const int64_t ws = padded_stride<A>(v.C);
+  s.packed_w.resize(size_t(4 * K1 * K1 * ws));
+  for (int64_t row = 0; row < 4 * K1 * K1; ++row) {
+    if constexpr (P::kDeinterleaved)
+      P::deinterleave(s.wf.data() + row * v.C, s.packed_w.data() + row * ws, v.C);
+    else
+      std::copy_n(s.wf.data() + row * v.C, v.C, s.packed_w.data() + row * ws);
+  }
+  const A* packed_w = s.packed_w.data();
+  const A* packed_b = bias;
+  if constexpr (P::kDeinterleaved) {
+    if (bias) {
+      s.packed_b.resize(size_t(v.C));
+      P::deinterleave(bias, s.packed_b.data(), v.C);
+      packed_b = s.packed_b.data();
+    }
+  }
+  for (int64_t oi = 0; oi < v.Ho; ++oi) {
+    for (int64_t oj = 0; oj < v.Wo; ++oj) {
+      const int64_t wofs = variant_of(p.g, oi, oj) * K1 * K1 * v.C;
+      const A* wv = s.wf.data() + wofs;
+      T* o = out + (oi * v.Wo + oj) * v.kc;
+      const int64_t j0 = 2 * oj - v.pad;
+      if (oj + 1 < v.Wo && j0 >= 0 && j0 + K1 + 2 <= v.W &&
+          variant_of(p.g, oi, oj + 1) == variant_of(p.g, oi, oj)) {
+        const int64_t done =
+            avg_window_pair<K1>(v, packed_w + wofs / v.C * ws, ws, packed_b, oi, oj, o, o + v.kc);
+        avg_window(v, wv, bias, oi, oj, o, done);
+        avg_window(v, wv, bias, oi, oj + 1, o + v.kc, done);
+        ++oj;
+      } else {
+        avg_window(v, wv, bias, oi, oj, o, 0);
+      }
+    }
+  }
+}
+
 template <typename T, typename A>
 SAEP_INLINE void avg_forward(const FwdParams& p, const View<T, A>& v, const A* bias, T* out,
                              Scratch<A>& s) {
   fold_avg(p.g, s.w, s.wf);
-  for (int64_t oi = 0; oi < v.Ho; ++oi) {
-    for (int64_t oj = 0; oj < v.Wo; ++oj) {
-      const A* wv = s.wf.data() + variant_of(p.g, oi, oj) * v.k1 * v.k1 * v.C;
-      T* o = out + (oi * v.Wo + oj) * v.kc;
-      for_chunks<lanes<A>()>(v.C, [&](auto chunk, int64_t c, int64_t n) SAEP_LAMBDA_INLINE {
-        const int64_t len = SAEP_LEN(chunk, n);
-        A acc[lanes<A>()];
-        for (int64_t q = 0; q < len; ++q) acc[q] = bias ? bias[c + q] : A(0);
-        for_patch(v, oi, oj, [&](int a, int e, const T* x) SAEP_LAMBDA_INLINE {
-          const T* xp = x + c;
-          const A* wp = wv + (a * v.k1 + e) * v.C + c;
-          for (int64_t q = 0; q < len; ++q) acc[q] += ld<T, A>(xp[q]) * wp[q];
-        });
-        for (int64_t q = 0; q < len; ++q) o[c + q] = Convert<T, A>::store(acc[q]);
-      });
-    }
+  switch (v.k1) {
+    case 2: return avg_forward_k<2>(p, v, bias, out, s);
+    case 4: return avg_forward_k<4>(p, v, bias, out, s);
+    case 6: return avg_forward_k<6>(p, v, bias, out, s);
+    default: return avg_forward_k<8>(p, v, bias, out, s);
   }
 }
 

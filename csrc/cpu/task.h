@@ -25,8 +25,13 @@
 // folded kernels ("variants").
 #pragma once
 
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors stay inside inlined code
+#endif
+
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -78,6 +83,108 @@ constexpr int lanes() {
   return int(256 / sizeof(A));
 }
 
+// ---- explicit vectors (GCC/Clang vector extensions): 64 bytes of the compute type, lowered
+// to one AVX-512, two AVX2 or four SSE registers by the target each entry point is built for.
+// Lane-wise arithmetic, so a loop over Vecs computes exactly what the scalar loop over its
+// lanes computes (the same contraction into FMAs).
+template <typename A>
+struct VecOf {
+  static constexpr int kLanes = int(64 / sizeof(A));
+  typedef A type __attribute__((vector_size(64)));
+};
+template <typename A>
+using Vec = typename VecOf<A>::type;
+template <typename A>
+constexpr int vec_lanes() {
+  return VecOf<A>::kLanes;
+}
+
+template <typename A>
+SAEP_INLINE Vec<A> vec_set1(A v) {
+  return Vec<A>{} + v;
+}
+
+// kLanes values of T at p (any alignment), in the compute type
+template <typename T, typename A>
+struct VecIO {
+  static SAEP_INLINE Vec<A> load(const T* p) {
+    A lanes[vec_lanes<A>()];
+    for (int q = 0; q < vec_lanes<A>(); ++q) lanes[q] = ld<T, A>(p[q]);
+    Vec<A> v;
+    std::memcpy(&v, lanes, sizeof v);
+    return v;
+  }
+  static SAEP_INLINE void store(T* p, Vec<A> v) {
+    A lanes[vec_lanes<A>()];
+    std::memcpy(lanes, &v, sizeof v);
+    for (int q = 0; q < vec_lanes<A>(); ++q) p[q] = Convert<T, A>::store(lanes[q]);
+  }
+};
+template <>
+struct VecIO<bf16, float> {
+  typedef uint16_t Half __attribute__((vector_size(32)));
+  typedef uint32_t Bits __attribute__((vector_size(64)));
+  static SAEP_INLINE Vec<float> load(const bf16* p) {
+    Half h;
+    std::memcpy(&h, p, sizeof h);
+    return (Vec<float>)(__builtin_convertvector(h, Bits) << 16);
+  }
+  // float_to_bf16 lane-wise: round to nearest even, NaN kept quiet
+  static SAEP_INLINE void store(bf16* p, Vec<float> v) {
+    const Bits u = (Bits)v;
+    const Bits rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const Bits bits = v != v ? Bits{} + 0x7fc0u : rounded;
+    const Half h = __builtin_convertvector(bits, Half);
+    std::memcpy(p, &h, sizeof h);
+  }
+};
+
+// A pixel's channels [c, c + kStep) as kVecs Vecs of the compute type, and back. For bf16
+// the 32 channels of one 64-byte load split into even and odd channels (a shift and a mask,
+// no shuffle); the weights they meet are laid out the same way (Packing::deinterleave) and
+// the store interleaves them back. Each channel's arithmetic is unchanged.
+template <typename T, typename A>
+struct Packing {
+  static constexpr int kVecs = 1;
+  static constexpr int kStep = vec_lanes<A>();
+  static constexpr bool kDeinterleaved = false;
+  static SAEP_INLINE void load(const T* p, Vec<A>* v) { v[0] = VecIO<T, A>::load(p); }
+  static SAEP_INLINE void store(T* p, const Vec<A>* v) { VecIO<T, A>::store(p, v[0]); }
+};
+template <>
+struct Packing<bf16, float> {
+  typedef uint32_t Bits __attribute__((vector_size(64)));
+  static constexpr int kVecs = 2;
+  static constexpr int kStep = 32;
+  static constexpr bool kDeinterleaved = true;
+  static SAEP_INLINE void load(const bf16* p, Vec<float>* v) {
+    Bits u;
+    std::memcpy(&u, p, sizeof u);
+    v[0] = (Vec<float>)(u << 16);           // channels c, c + 2, ..., c + 30
+    v[1] = (Vec<float>)(u & 0xffff0000u);   // channels c + 1, c + 3, ..., c + 31
+  }
+  static SAEP_INLINE Bits round(Vec<float> v) {  // float_to_bf16, lane-wise
+    const Bits u = (Bits)v;
+    const Bits rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return v != v ? Bits{} + 0x7fc0u : rounded;
+  }
+  static SAEP_INLINE void store(bf16* p, const Vec<float>* v) {
+    const Bits u = round(v[0]) | (round(v[1]) << 16);
+    std::memcpy(p, &u, sizeof u);
+  }
+  // dst[c0 + q] for q < 16 is src[c0 + 2q], dst[c0 + 16 + q] is src[c0 + 2q + 1], per full
+  // group of 32 channels; the tail is copied as it is.
+  static void deinterleave(const float* src, float* dst, int64_t C) {
+    int64_t c0 = 0;
+    for (; c0 + 32 <= C; c0 += 32)
+      for (int q = 0; q < 16; ++q) {
+        dst[c0 + q] = src[c0 + 2 * q];
+        dst[c0 + 16 + q] = src[c0 + 2 * q + 1];
+      }
+    for (; c0 < C; ++c0) dst[c0] = src[c0];
+  }
+};
+
 // A task's image of its layer, and the sizes its loops use.
 template <typename T, typename A>
 struct View {
@@ -125,6 +232,14 @@ SAEP_INLINE void for_taps(const View<T, A>& v, int64_t i, int64_t j, F&& f) {
   }
 }
 
+// Rows of C values of A in scratch memory are this far apart: C plus a cache line, so that
+// the k*k rows a loop reads together do not all fall into the same L1 set (with C a power of
+// two they would: 4 KB apart in fp32, and an 8-way L1 holds 8 of them).
+template <typename A>
+SAEP_INLINE int64_t padded_stride(int64_t C) {
+  return C + int64_t(64 / sizeof(A));
+}
+
 // The task's weights, channel-contiguous: w[tap][c] for tap = u*k + v.
 template <typename A>
 SAEP_INLINE void task_weights(const Geometry& g, const void* weight, const Task& t,
@@ -157,6 +272,8 @@ SAEP_INLINE void fold_avg(const Geometry& g, const std::vector<A>& w, std::vecto
   wf.resize(size_t(4 * k1 * k1 * C));
   for (int variant = 0; variant < 4; ++variant) {
     const WindowExtent ext = extent_of_variant(variant);
+    // partial windows only on odd grids
+    if ((ext.rows == 1 && g.height % 2 == 0) || (ext.cols == 1 && g.width % 2 == 0)) continue;
     const A inv = A(1) / A(ext.count());
     for (int a = 0; a < k1; ++a) {
       for (int e = 0; e < k1; ++e) {
@@ -185,13 +302,16 @@ SAEP_INLINE void fold_avg(const Geometry& g, const std::vector<A>& w, std::vecto
 template <typename A>
 struct Scratch {
   std::vector<A> w, wf, gw, gwf, gb, gz;
+  std::vector<A> packed_w, packed_b;  // weights and bias in Packing's channel order
 };
 
-// Runs TaskFn<T, A>::run(params, task, scratch) over the tasks [begin, end), one scratch for
-// them all.
+// Runs TaskFn<T, A>::run(params, task, scratch) over the tasks [begin, end). The scratch is
+// the thread's own and outlives the call (a few hundred KB per thread and entry point): fresh
+// buffers of that size come from mmap, and their page faults cost more than a small problem's
+// whole forward.
 template <template <typename, typename> class TaskFn, typename T, typename A, typename Params>
 SAEP_INLINE void run_chunk(const Params& p, int64_t begin, int64_t end) {
-  Scratch<A> s;
+  static thread_local Scratch<A> s;
   for (int64_t t = begin; t < end; ++t) TaskFn<T, A>::run(p, task_at(p.g, t), s);
 }
 

@@ -1,0 +1,244 @@
+// saep-kernels: the CPU kernels timed without Python, next to what bounds them on this
+// machine: a copy of the same bytes and a bf16 -> fp32 conversion loop. For wall-clock
+// measurements (interleaved rounds, median) and for instruction and cache counts under
+// valgrind (`--reps 1 --rounds 1`; scripts/cpu_kernel_profile.py runs it with the sizes of
+// saep_kernels.configs and counts only the kernel entry points).
+//
+//   cpu_kernel_bench --height 24 --width 24 --channels 1024 --prefix 1 --layers 4 --batch 8
+//                    --dtype bf16 --pool avg --threads 2 [--isa avx2] [--only fwd]
+//
+// Prints one line per measurement: name, median ms, GB/s of the bytes the kernel must move
+// (docs/op.md section 4), bytes, and output elements.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../cpu/fused_aggregate_cpu.h"
+#include "../cpu/numeric.h"
+
+namespace {
+
+using saep::DType;
+using saep::Pool;
+using Clock = std::chrono::steady_clock;
+
+struct Args {
+  int64_t batch = 8, channels = 1024, height = 24, width = 24, prefix = 1;
+  int layers = 4, ksize = 3, threads = 2, rounds = 5, reps = 20;
+  std::string dtype = "bf16", pool = "avg", isa = "", only = "";
+};
+
+[[noreturn]] void usage(const char* msg) {
+  std::fprintf(stderr, "cpu_kernel_bench: %s\n", msg);
+  std::exit(2);
+}
+
+Args parse(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    const std::string k = argv[i];
+    if (i + 1 >= argc) usage(("missing value after " + k).c_str());
+    const char* v = argv[++i];
+    if (k == "--batch") a.batch = std::atoll(v);
+    else if (k == "--channels") a.channels = std::atoll(v);
+    else if (k == "--height") a.height = std::atoll(v);
+    else if (k == "--width") a.width = std::atoll(v);
+    else if (k == "--prefix") a.prefix = std::atoll(v);
+    else if (k == "--layers") a.layers = std::atoi(v);
+    else if (k == "--ksize") a.ksize = std::atoi(v);
+    else if (k == "--threads") a.threads = std::atoi(v);
+    else if (k == "--rounds") a.rounds = std::atoi(v);
+    else if (k == "--reps") a.reps = std::atoi(v);
+    else if (k == "--dtype") a.dtype = v;
+    else if (k == "--pool") a.pool = v;
+    else if (k == "--isa") a.isa = v;
+    else if (k == "--only") a.only = v;
+    else usage(("unknown argument " + k).c_str());
+  }
+  if (a.dtype != "bf16" && a.dtype != "fp32") usage("--dtype: bf16 or fp32");
+  if (a.pool != "avg" && a.pool != "max") usage("--pool: avg or max");
+  if (a.layers < 1 || a.layers > saep::kMaxLayers) usage("--layers out of range");
+  return a;
+}
+
+// Splits [0, n) over `threads` OpenMP threads in contiguous chunks, as torch's parallel_for
+// does (its thread pool is OpenMP too: the threads stay warm between calls).
+saep::cpu::ParallelFor threaded_for(int threads) {
+  return [threads](int64_t n, const std::function<void(int64_t, int64_t)>& body) {
+    if (n <= 0) return;
+    const int64_t chunk = (n + threads - 1) / threads;
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int64_t begin = 0; begin < n; begin += chunk) body(begin, std::min(n, begin + chunk));
+  };
+}
+
+// The same thread split for a loop over n elements.
+void parallel_elems(int threads, int64_t n, const std::function<void(int64_t, int64_t)>& f) {
+  threaded_for(threads)(n, f);
+}
+
+// Kernels under measurement: not inlined, so valgrind's --toggle-collect can name them.
+__attribute__((noinline)) void copy_bytes(char* dst, const char* src, int64_t b, int64_t e) {
+  std::memcpy(dst + b, src + b, size_t(e - b));
+}
+__attribute__((noinline)) void bf16_to_f32(float* dst, const saep::cpu::bf16* src, int64_t b,
+                                           int64_t e) {
+  for (int64_t i = b; i < e; ++i) dst[i] = saep::cpu::to_float(src[i]);
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Args a = parse(argc, argv);
+  if (!a.isa.empty()) {
+    bool found = false;
+    for (int c = 0; c < saep::cpu::kNumCpuCapabilities; ++c) {
+      const auto cap = static_cast<saep::cpu::CpuCapability>(c);
+      if (a.isa == saep::cpu::cpu_capability_name(cap)) {
+        if (!saep::cpu::set_cpu_capability(cap)) usage("--isa: not supported on this CPU");
+        found = true;
+      }
+    }
+    if (!found) usage("--isa: default, avx2 or avx512");
+  }
+  const bool bf16 = a.dtype == "bf16";
+  const int64_t e = bf16 ? 2 : 4;
+
+  saep::Geometry g{};
+  g.batch = a.batch;
+  g.channels = a.channels;
+  g.height = a.height;
+  g.width = a.width;
+  g.prefix = a.prefix;
+  g.num_layers = a.layers;
+  g.ksize = a.ksize;
+  g.residual = true;
+  g.pool = a.pool == "avg" ? Pool::Avg : Pool::Max;
+  g.dtype = bf16 ? DType::BF16 : DType::F32;
+  const int64_t C = g.channels, KC = g.kc(), taps = int64_t(g.ksize) * g.ksize;
+  const int64_t n_layer = g.batch * g.tokens() * C;         // elements of one layer
+  const int64_t n_in = g.num_layers * g.batch * g.height * g.width * C;  // read by the op
+  const int64_t n_out = g.batch * g.windows() * KC;
+  const bool max = g.pool == Pool::Max;
+
+  std::mt19937 rng(0);
+  std::normal_distribution<float> normal;
+  auto fill = [&](std::vector<char>& buf, int64_t n) {
+    buf.resize(size_t(n * e));
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = normal(rng);
+      if (bf16) {
+        const saep::cpu::bf16 h = saep::cpu::float_to_bf16(v);
+        std::memcpy(buf.data() + i * e, &h, 2);
+      } else {
+        std::memcpy(buf.data() + i * e, &v, 4);
+      }
+    }
+  };
+  std::vector<std::vector<char>> layers(size_t(g.num_layers)), grad_x(size_t(g.num_layers));
+  for (auto& l : layers) fill(l, n_layer);
+  for (auto& l : grad_x) l.assign(size_t(n_layer * e), 0);
+  std::vector<char> out(size_t(n_out * e)), grad_out;
+  fill(grad_out, n_out);
+  std::vector<uint8_t> argmax(static_cast<size_t>(n_out));
+  std::vector<float> weight(static_cast<size_t>(taps * KC)), bias(static_cast<size_t>(KC));
+  for (auto& w : weight) w = normal(rng) / 3;
+  for (auto& b : bias) b = normal(rng);
+  std::vector<float> gw(static_cast<size_t>(g.batch * taps * KC)),
+      gb(static_cast<size_t>(g.batch * KC));
+
+  saep::FwdParams fp{};
+  fp.g = g;
+  for (int l = 0; l < g.num_layers; ++l) {
+    fp.x.data[l] = layers[size_t(l)].data();
+    fp.x.stride_b[l] = g.tokens() * C;
+    fp.x.stride_t[l] = C;
+  }
+  fp.weight = weight.data();
+  fp.bias = bias.data();
+  fp.out = out.data();
+  fp.argmax = max ? argmax.data() : nullptr;
+  saep::BwdParams bx{};
+  bx.g = g;
+  bx.x = fp.x;
+  bx.grad_out = grad_out.data();
+  bx.gy_stride_b = g.windows() * KC;
+  bx.gy_stride_t = KC;
+  bx.argmax = max ? argmax.data() : nullptr;
+  bx.weight = weight.data();
+  for (int l = 0; l < g.num_layers; ++l) bx.grad_x[l] = grad_x[size_t(l)].data();
+  saep::BwdParams bw = bx;  // weight and bias gradients only (a frozen vision tower)
+  for (int l = 0; l < g.num_layers; ++l) bw.grad_x[l] = nullptr;
+  bw.grad_w_part = gw.data();
+  bw.grad_b_part = gb.data();
+  saep::BwdParams bxw = bx;  // everything
+  bxw.grad_w_part = gw.data();
+  bxw.grad_b_part = gb.data();
+
+  const auto pf = threaded_for(a.threads);
+  // the comparison loops move the forward's input bytes (read) and as many again (write)
+  std::vector<char> src(static_cast<size_t>(n_in * e)), dst(static_cast<size_t>(n_in * e));
+  std::memcpy(src.data(), layers[0].data(), std::min(src.size(), layers[0].size()));
+  std::vector<float> conv_dst(static_cast<size_t>(n_in));
+
+  struct Case {
+    std::string name;
+    std::function<void()> run;
+    int64_t bytes;
+  };
+  const int64_t am = max ? n_out : 0;
+  std::vector<Case> cases = {
+      {"copy", [&] { parallel_elems(a.threads, n_in * e, [&](int64_t b, int64_t en) {
+                       copy_bytes(dst.data(), src.data(), b, en); }); },
+       2 * n_in * e},
+      {"bf16_to_fp32", [&] { parallel_elems(a.threads, n_in, [&](int64_t b, int64_t en) {
+                               bf16_to_f32(conv_dst.data(),
+                                           reinterpret_cast<const saep::cpu::bf16*>(src.data()),
+                                           b, en); }); },
+       n_in * 2 + n_in * 4},
+      {"forward", [&] { saep::cpu::fused_aggregate_fwd(fp, pf); }, (n_in + n_out) * e + am},
+      {"input_grad", [&] { saep::cpu::fused_aggregate_bwd(bx, pf); }, (n_in + n_out) * e + am},
+      {"weight_grad", [&] { saep::cpu::fused_aggregate_bwd(bw, pf); }, (n_in + n_out) * e + am},
+      {"backward", [&] { saep::cpu::fused_aggregate_bwd(bxw, pf); }, (2 * n_in + n_out) * e + am},
+  };
+  if (!a.only.empty()) {
+    std::vector<Case> kept;
+    for (auto& c : cases)
+      if (a.only.find(c.name) != std::string::npos) kept.push_back(c);
+    cases = kept;
+  }
+  // the argmax the max backward reads
+  if (max) saep::cpu::fused_aggregate_fwd(fp, pf);
+
+  std::map<std::string, std::vector<double>> ms;
+  for (auto& c : cases) c.run();  // warm-up
+  for (int r = 0; r < a.rounds; ++r)
+    for (auto& c : cases) {
+      const auto t0 = Clock::now();
+      for (int i = 0; i < a.reps; ++i) c.run();
+      ms[c.name].push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count() /
+                           a.reps);
+    }
+  std::printf("# %s %s, %lldx%lld C%lld K%d B%lld, %d threads, isa %s\n", a.dtype.c_str(),
+              a.pool.c_str(), (long long)g.height, (long long)g.width, (long long)C,
+              g.num_layers, (long long)g.batch, a.threads,
+              saep::cpu::cpu_capability_name(saep::cpu::cpu_capability()));
+  for (auto& c : cases) {
+    const double t = median(ms[c.name]);
+    std::printf("%-12s %9.3f ms %7.1f GB/s  bytes %lld  outputs %lld\n", c.name.c_str(), t,
+                double(c.bytes) / (t * 1e-3) / 1e9, (long long)c.bytes, (long long)n_out);
+  }
+  return 0;
+}
