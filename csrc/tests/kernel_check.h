@@ -235,7 +235,7 @@ constexpr Variant kVariants[] = {
 
 // The problems every backend is checked on: each dtype x kernel size x pool x residual with
 // the next variant, then the empty batch, a 27x27 grid, a wide grid of 200 channels, grids
-// with interior windows (whole patch in the grid) for every kernel size, and more than one
+// with interior windows (whole patch in the grid) for every kernel size and pool, and more than one
 // 256-channel block of the CPU max backward with a ragged last block.
 inline std::vector<Problem> standard_problems() {
   std::vector<Problem> out;
@@ -274,17 +274,19 @@ inline std::vector<Problem> standard_problems() {
   wide.width = 20;
   out.push_back(wide);
   for (int k : {3, 5, 7})
-    for (DType dt : {DType::F32, DType::BF16}) {
-      Problem big = out.front();
-      big.dtype = dt;
-      big.ksize = k;
-      big.height = 13;
-      big.width = 16;
-      big.channels = 40;
-      big.prefix = 1;
-      big.pad_t = 3;
-      out.push_back(big);
-    }
+    for (DType dt : {DType::F32, DType::BF16})
+      for (Pool pool : {Pool::Avg, Pool::Max}) {
+        Problem big = out.front();
+        big.pool = pool;
+        big.dtype = dt;
+        big.ksize = k;
+        big.height = 13;
+        big.width = 16;
+        big.channels = 40;
+        big.prefix = 1;
+        big.pad_t = 3;
+        out.push_back(big);
+      }
   for (DType dt : {DType::F32, DType::BF16}) {
     Problem blocks = out.front();
     blocks.dtype = dt;
