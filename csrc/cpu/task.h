@@ -104,6 +104,13 @@ SAEP_INLINE Vec<A> vec_set1(A v) {
   return Vec<A>{} + v;
 }
 
+// take ? a : b lane-wise, for a lane mask take (all bits set or clear), by bitwise logic
+// (a vector ?: on 64-byte vectors is split lane by lane on targets without 64-byte registers)
+template <typename V, typename M>
+SAEP_INLINE V select(M take, V a, V b) {
+  return (V)(((M)a & take) | ((M)b & ~take));
+}
+
 // kLanes values of T at p (any alignment), in the compute type
 template <typename T, typename A>
 struct VecIO {
@@ -120,6 +127,15 @@ struct VecIO {
     for (int q = 0; q < vec_lanes<A>(); ++q) p[q] = Convert<T, A>::store(lanes[q]);
   }
 };
+template <typename A>
+struct VecIO<A, A> {
+  static SAEP_INLINE Vec<A> load(const A* p) {
+    Vec<A> v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static SAEP_INLINE void store(A* p, Vec<A> v) { std::memcpy(p, &v, sizeof v); }
+};
 template <>
 struct VecIO<bf16, float> {
   typedef uint16_t Half __attribute__((vector_size(32)));
@@ -133,7 +149,7 @@ struct VecIO<bf16, float> {
   static SAEP_INLINE void store(bf16* p, Vec<float> v) {
     const Bits u = (Bits)v;
     const Bits rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const Bits bits = v != v ? Bits{} + 0x7fc0u : rounded;
+    const Bits bits = select(Bits(v != v), Bits{} + 0x7fc0u, rounded);
     const Half h = __builtin_convertvector(bits, Half);
     std::memcpy(p, &h, sizeof h);
   }
@@ -166,7 +182,7 @@ struct Packing<bf16, float> {
   static SAEP_INLINE Bits round(Vec<float> v) {  // float_to_bf16, lane-wise
     const Bits u = (Bits)v;
     const Bits rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return v != v ? Bits{} + 0x7fc0u : rounded;
+    return select(Bits(v != v), Bits{} + 0x7fc0u, rounded);
   }
   static SAEP_INLINE void store(bf16* p, const Vec<float>* v) {
     const Bits u = round(v[0]) | (round(v[1]) << 16);
@@ -305,13 +321,13 @@ struct Scratch {
   std::vector<A> packed_w, packed_b;  // weights and bias in Packing's channel order
 };
 
-// Runs TaskFn<T, A>::run(params, task, scratch) over the tasks [begin, end). The scratch is
-// the thread's own and outlives the call (a few hundred KB per thread and entry point): fresh
-// buffers of that size come from mmap, and their page faults cost more than a small problem's
-// whole forward.
+// Runs TaskFn<T, A>::run(params, task, scratch) over the tasks [begin, end), one scratch for
+// them all. (A per-thread scratch kept between calls saves a small problem the page faults of
+// its fresh buffers, but made the fp32 avg forward at llava15-7b B=8 50% slower, measured
+// interleaved and not understood; not kept.)
 template <template <typename, typename> class TaskFn, typename T, typename A, typename Params>
 SAEP_INLINE void run_chunk(const Params& p, int64_t begin, int64_t end) {
-  static thread_local Scratch<A> s;
+  Scratch<A> s;
   for (int64_t t = begin; t < end; ++t) TaskFn<T, A>::run(p, task_at(p.g, t), s);
 }
 
