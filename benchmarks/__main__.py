@@ -5,7 +5,8 @@ tables, write JSON, CSV and PNG plots.
     python -m benchmarks --quick              # tiny shapes, one short timing each: a smoke test
     python -m benchmarks --parts op --configs llava15-7b siglip-so400m --batch 1 8 32
 
-Parts: ``op`` (the fused op, each backend vs eager and torch.compile of the reference),
+Parts: ``op`` (the fused op, each backend vs plain PyTorch eager and torch.compile, and the
+reference),
 ``projectors`` (SAEP vs the projectors users pick today), ``sweep`` (forward latency vs
 input tokens), ``llm`` (Llama decoder layers over each projector's tokens).
 """
@@ -23,7 +24,7 @@ from saep_kernels.configs import REFERENCE_BATCHES, Config
 from saep_kernels.configs import REFERENCE_CONFIGS as CONFIGS
 from .harness import copy_bandwidth, format_table, metadata, time_interleaved, write_results
 from .llm import DEFAULT_LLM, LLMConfig, llm_forward, transformers_available
-from .op_bench import DTYPES, available_impls, bench_problem, op_bytes
+from .op_bench import BASELINES, DTYPES, available_impls, bench_problem, op_bytes
 from .plots import plot_bandwidth_fraction, plot_op_latency, plot_projectors, plot_sweep
 from .projector_bench import bench_projectors, bench_sweep
 
@@ -59,7 +60,9 @@ def parse_args(argv):
     p.add_argument("--batch", nargs="+", type=int, help="op: images per batch")
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="op: dtypes")
     p.add_argument("--impls", "--backends", dest="impls", nargs="+",
-                   help="op: eager, compile, triton, cpu, cuda (default: all on the device)")
+                   help="op: eager, compile (plain PyTorch in the input dtype), reference, "
+                        "reference-compile, triton, cpu, cuda (default: all on the device but "
+                        "reference-compile)")
     p.add_argument("--projectors", nargs="+", help="projectors (default: all); see "
                    "benchmarks/projectors.py")
     p.add_argument("--projector-configs", nargs="+", choices=list(CONFIGS))
@@ -128,7 +131,7 @@ def main(argv=None) -> int:
     proj_dtype = args.projector_dtype or d["proj_dtype"]
     sweep_grids = args.sweep_grids or d["sweep_grids"]
     impls = args.impls or available_impls(device)
-    unknown = set(impls) - set(available_impls(device))
+    unknown = set(impls) - set(available_impls(device)) - set(BASELINES)
     if unknown:
         print(f"not available on {device.type}: {sorted(unknown)}; available: "
               f"{available_impls(device)}", file=sys.stderr)

@@ -2,9 +2,14 @@
 inputs trainable, and with a frozen vision tower: weight and bias gradients only).
 
 Implementations:
-* ``eager``   - the reference (cat + depthwise conv2d + residual + pool) in eager PyTorch;
+* ``eager``   - what a user would write in plain PyTorch: cat + depthwise conv2d + residual +
+  pool in the input dtype (``plain_aggregate``; PyTorch's CPU and CUDA convolutions and pools
+  take fp16, bf16 and fp32);
 * ``compile`` - the same under ``torch.compile`` (GPU: mode="max-autotune-no-cudagraphs";
   CPU: the default mode, since max-autotune only adds GEMM templates there; --compile-mode);
+* ``reference`` / ``reference-compile`` - ``fused_aggregate_reference``, the op's executable
+  spec, which computes in fp32 (fp64 for fp64) and converts back, eager and compiled
+  (``reference-compile`` on request: --impls);
 * ``triton``, ``cpu``, ``cuda`` - the fused backends of saep_kernels available on the device.
 """
 
@@ -24,11 +29,34 @@ from .harness import Row, device_name, peak_memory_mb, time_interleaved, triton_
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+BASELINES = ("eager", "compile", "reference", "reference-compile")
+
+
 def available_impls(device: torch.device) -> List[str]:
+    """The default implementations: the plain-PyTorch baselines, the reference, and each fused
+    backend available on the device."""
     fused = [b for b in saep_kernels.available_backends(device) if b != "reference"]
     if device.type == "cpu":
         fused = [b for b in fused if b != "triton"]  # the interpreter is for tests
-    return ["eager", "compile"] + fused
+    return ["eager", "compile", "reference"] + fused
+
+
+def plain_aggregate(hidden_states, weight, bias=None, *, grid, num_prefix_tokens=0,
+                    residual=True, pool="avg"):
+    """The op as a user writes it in PyTorch, in the input dtype: concat the layers along
+    channels, depthwise conv2d (+ residual), 2x2 pool with ceil mode, back to tokens."""
+    h, w = grid
+    x = torch.cat([t[:, num_prefix_tokens:] for t in hidden_states], dim=-1)
+    b, _, kc = x.shape
+    x = x.transpose(1, 2).reshape(b, kc, h, w)
+    z = torch.nn.functional.conv2d(x, weight.to(x.dtype),
+                                   None if bias is None else bias.to(x.dtype),
+                                   padding=weight.shape[-1] // 2, groups=kc)
+    if residual:
+        z = z + x
+    pool_fn = torch.nn.functional.avg_pool2d if pool == "avg" else torch.nn.functional.max_pool2d
+    y = pool_fn(z, kernel_size=2, stride=2, ceil_mode=True)
+    return y.flatten(2).transpose(1, 2).contiguous()
 
 
 def op_bytes(cfg: Config, batch: int, dtype: torch.dtype, pool: str = "avg") -> Tuple[int, int]:
@@ -63,9 +91,10 @@ def default_compile_mode(device: torch.device) -> Optional[str]:
 def op_function(impl: str, cfg: Config, pool: str, device: torch.device,
                 compile_mode: Optional[str] = "auto") -> Callable:
     kw = dict(grid=(cfg.height, cfg.width), num_prefix_tokens=cfg.prefix, pool=pool)
-    if impl in ("eager", "compile"):
-        fn = functools.partial(fused_aggregate_reference, **kw)
-        if impl == "compile":
+    if impl in BASELINES:
+        base = plain_aggregate if impl in ("eager", "compile") else fused_aggregate_reference
+        fn = functools.partial(base, **kw)
+        if impl.endswith("compile"):
             mode = default_compile_mode(device) if compile_mode == "auto" else compile_mode
             fn = torch.compile(fn, mode=mode)
         return fn

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,3 +50,26 @@ def test_pytest_benchmark_file(tmp_path):
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1000)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout
+
+
+@pytest.mark.parametrize("pool", ["avg", "max"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_pytorch_baseline_computes_the_op(pool, dtype):
+    """The benchmark's eager/compile baseline (plain PyTorch in the input dtype) computes the
+    op: it matches the reference within the dtype's rounding (one rounding per conv, residual
+    and pool step in bf16, so a few bf16 ulps)."""
+    from benchmarks.op_bench import op_function
+    from saep_kernels import fused_aggregate_reference
+    from saep_kernels.configs import Config
+
+    cfg = Config("tiny", "tiny", 5, 7, 16, 1, 2, 32)
+    torch.manual_seed(0)
+    layers = [torch.randn(2, cfg.tokens, cfg.channels, dtype=dtype) for _ in range(cfg.layers)]
+    w = (torch.randn(cfg.layers * cfg.channels, 1, 3, 3) / 3).to(dtype)
+    b = torch.randn(cfg.layers * cfg.channels, dtype=dtype)
+    got = op_function("eager", cfg, pool, torch.device("cpu"))(layers, w, b)
+    want = fused_aggregate_reference(layers, w, b, grid=(cfg.height, cfg.width),
+                                     num_prefix_tokens=cfg.prefix, pool=pool)
+    assert got.dtype == dtype and got.shape == want.shape
+    tol = 1e-5 if dtype == torch.float32 else 4 / 128
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
