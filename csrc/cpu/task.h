@@ -136,24 +136,6 @@ struct VecIO<A, A> {
   }
   static SAEP_INLINE void store(A* p, Vec<A> v) { std::memcpy(p, &v, sizeof v); }
 };
-template <>
-struct VecIO<bf16, float> {
-  typedef uint16_t Half __attribute__((vector_size(32)));
-  typedef uint32_t Bits __attribute__((vector_size(64)));
-  static SAEP_INLINE Vec<float> load(const bf16* p) {
-    Half h;
-    std::memcpy(&h, p, sizeof h);
-    return (Vec<float>)(__builtin_convertvector(h, Bits) << 16);
-  }
-  // float_to_bf16 lane-wise: round to nearest even, NaN kept quiet
-  static SAEP_INLINE void store(bf16* p, Vec<float> v) {
-    const Bits u = (Bits)v;
-    const Bits rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const Bits bits = select(Bits(v != v), Bits{} + 0x7fc0u, rounded);
-    const Half h = __builtin_convertvector(bits, Half);
-    std::memcpy(p, &h, sizeof h);
-  }
-};
 
 // A pixel's channels [c, c + kStep) as kVecs Vecs of the compute type, and back. For bf16
 // the 32 channels of one 64-byte load split into even and odd channels (a shift and a mask,
