@@ -31,9 +31,10 @@ struct GradTask {
   const T* gy;         // grad_out of image b, layer l's channels
   int64_t gst;         // grad_out's token stride
   const uint8_t* am;   // argmax of image b, layer l's channels (max pool)
-  const A* w;          // the layer's weights, w[tap][c]
+  const A* w;          // the layer's weights, w[tap][c], rows v.ws apart
   T* gx;               // grad_x of image b at pixel (0, 0), or nullptr
-  A* gw;               // the task's weight-gradient accumulators gw[tap][c], or nullptr
+  A* gw;               // the task's weight-gradient accumulators gw[tap][c] (rows v.ws
+                       // apart), or nullptr
   Scratch<A>& s;
 
   GradTask(const BwdParams& p, const Task& t, Scratch<A>& scratch)
@@ -49,7 +50,7 @@ struct GradTask {
     task_weights(g, p.weight, t, s.w);
     w = s.w.data();
     if (p.grad_w_part) {
-      s.gw.assign(size_t(g.ksize * g.ksize * g.channels), A(0));
+      s.gw.assign(size_t(g.ksize * g.ksize * v.ws), A(0));
       gw = s.gw.data();
     }
   }
@@ -78,7 +79,7 @@ SAEP_INLINE void avg_input_grad(const GradTask<T, A>& t) {
           const int a = int(i - 2 * oi + pad);
           for (int64_t oj = oj_lo; oj <= oj_hi; ++oj) {
             const int e = int(j - 2 * oj + pad);
-            const A* wp = wf + ((variant_of(t.g, oi, oj) * k1 + a) * k1 + e) * v.C + c;
+            const A* wp = wf + ((variant_of(t.g, oi, oj) * k1 + a) * k1 + e) * v.ws + c;
             const T* gp = t.gy + (oi * v.Wo + oj) * t.gst + c;
             for (int64_t q = 0; q < len; ++q) acc[q] += ld<T, A>(gp[q]) * wp[q];
           }
@@ -97,7 +98,7 @@ SAEP_INLINE void avg_weight_grad(GradTask<T, A>& t) {
   const View<T, A>& v = t.v;
   const int k = v.k, k1 = v.k1;
   constexpr int L = lanes<A>() / 2;
-  t.s.gwf.assign(size_t(k1 * k1 * v.C), A(0));
+  t.s.gwf.assign(size_t(k1 * k1 * v.ws), A(0));
   A* gwf = t.s.gwf.data();
   A* gw = t.gw;
   for (int64_t oi = 0; oi < v.Ho; ++oi) {
@@ -113,7 +114,7 @@ SAEP_INLINE void avg_weight_grad(GradTask<T, A>& t) {
         if (full) {
           for_patch(v, oi, oj, [&](int a, int e, const T* x) SAEP_LAMBDA_INLINE {
             const T* xp = x + c;
-            A* dst = gwf + (a * k1 + e) * v.C + c;
+            A* dst = gwf + (a * k1 + e) * v.ws + c;
             for (int64_t q = 0; q < len; ++q) dst[q] += gv[q] * ld<T, A>(xp[q]);
           });
           return;
@@ -123,7 +124,7 @@ SAEP_INLINE void avg_weight_grad(GradTask<T, A>& t) {
             for_taps(v, 2 * oi + dy, 2 * oj + dx,
                      [&](int u, int vv, const T* x) SAEP_LAMBDA_INLINE {
                        const T* xp = x + c;
-                       A* dst = gw + (u * k + vv) * v.C + c;
+                       A* dst = gw + (u * k + vv) * v.ws + c;
                        for (int64_t q = 0; q < len; ++q) dst[q] += gv[q] * ld<T, A>(xp[q]);
                      });
       });
@@ -131,10 +132,10 @@ SAEP_INLINE void avg_weight_grad(GradTask<T, A>& t) {
   }
   for (int u = 0; u < k; ++u)
     for (int vv = 0; vv < k; ++vv) {
-      A* dst = gw + (u * k + vv) * v.C;
+      A* dst = gw + (u * k + vv) * v.ws;
       for (int dy = 0; dy < 2; ++dy)
         for (int dx = 0; dx < 2; ++dx) {
-          const A* src = gwf + ((u + dy) * k1 + vv + dx) * v.C;
+          const A* src = gwf + ((u + dy) * k1 + vv + dx) * v.ws;
           for (int64_t q = 0; q < v.C; ++q) dst[q] += A(0.25) * src[q];
         }
     }
@@ -148,7 +149,9 @@ SAEP_INLINE void max_input_grad(GradTask<T, A>& t, int64_t c0, int64_t cn, int64
   const View<T, A>& v = t.v;
   const int k = v.k, pad = v.pad;
   constexpr int L = lanes<A>() / 2;
-  const int64_t row_len = v.W * cb;
+  // g_z pixels padded_stride(cb) apart in the ring (cb apart, a power of two, the k*k pixels
+  // a grad_x chunk reads and its weight rows would share L1 sets)
+  const int64_t px_stride = padded_stride<A>(cb), row_len = v.W * px_stride;
   t.s.gz.resize(size_t(k * row_len));
   A* ring = t.s.gz.data();
   auto build_row = [&](int64_t r) {
@@ -158,7 +161,7 @@ SAEP_INLINE void max_input_grad(GradTask<T, A>& t, int64_t c0, int64_t cn, int64
       const T* gp = t.gy + widx * t.gst + c0;
       const uint8_t* ap = t.am + widx * v.kc + c0;
       const uint8_t code = uint8_t(window_code(int(r & 1), int(j & 1)));
-      A* d = dst + j * cb;
+      A* d = dst + j * px_stride;
       for (int64_t q = 0; q < cn; ++q) d[q] = ap[q] == code ? ld<T, A>(gp[q]) : A(0);
     }
   };
@@ -176,15 +179,15 @@ SAEP_INLINE void max_input_grad(GradTask<T, A>& t, int64_t c0, int64_t cn, int64
         const int64_t len = SAEP_LEN(chunk, n);
         const int64_t c = c0 + cc;
         A acc[L];
-        const A* gz = self + j * cb + cc;
+        const A* gz = self + j * px_stride + cc;
         for (int64_t q = 0; q < len; ++q) acc[q] = t.g.residual ? gz[q] : A(0);
         for (int u = 0; u < k; ++u) {
           if (!rows[u]) continue;
           for (int vv = 0; vv < k; ++vv) {
             const int64_t j2 = j - vv + pad;
             if (j2 < 0 || j2 >= v.W) continue;
-            const A* nb = rows[u] + j2 * cb + cc;
-            const A* wp = t.w + (u * k + vv) * v.C + c;
+            const A* nb = rows[u] + j2 * px_stride + cc;
+            const A* wp = t.w + (u * k + vv) * v.ws + c;
             for (int64_t q = 0; q < len; ++q) acc[q] += wp[q] * nb[q];
           }
         }
@@ -219,7 +222,7 @@ SAEP_INLINE void max_weight_grad(GradTask<T, A>& t, int64_t c0, int64_t cn) {
             gz[d][q] = ap[cc + q] == d ? ld<T, A>(gp[cc + q]) : A(0);
         for (int u = 0; u < k; ++u)
           for (int vv = 0; vv < k; ++vv) {
-            A* dst = t.gw + (u * k + vv) * v.C + c;
+            A* dst = t.gw + (u * k + vv) * v.ws + c;
             A acc[LW];
             for (int64_t q = 0; q < len; ++q) acc[q] = dst[q];
             for (int dy = 0; dy < ext.rows; ++dy) {
@@ -274,7 +277,7 @@ struct BackwardTask {
     if (t.gw) {
       const int taps = p.g.ksize * p.g.ksize;
       A* part = static_cast<A*>(p.grad_w_part) + task.b * taps * kc + task.l * C;
-      for (int tap = 0; tap < taps; ++tap) std::copy_n(t.gw + tap * C, C, part + tap * kc);
+      for (int tap = 0; tap < taps; ++tap) std::copy_n(t.gw + tap * t.v.ws, C, part + tap * kc);
     }
     if (p.grad_b_part) bias_grad(t, static_cast<A*>(p.grad_b_part) + task.b * kc + task.l * C);
   }

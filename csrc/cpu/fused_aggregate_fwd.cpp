@@ -24,7 +24,7 @@ SAEP_INLINE void avg_window(const View<T, A>& v, const A* wv, const A* bias, int
     for (int64_t q = 0; q < len; ++q) acc[q] = bias ? bias[c + q] : A(0);
     for_patch(v, oi, oj, [&](int a, int e, const T* x) SAEP_LAMBDA_INLINE {
       const T* xp = x + c;
-      const A* wp = wv + (a * v.k1 + e) * v.C + c;
+      const A* wp = wv + (a * v.k1 + e) * v.ws + c;
       for (int64_t q = 0; q < len; ++q) acc[q] += ld<T, A>(xp[q]) * wp[q];
     });
     for (int64_t q = 0; q < len; ++q) o[c + q] = Convert<T, A>::store(acc[q]);
@@ -79,15 +79,14 @@ SAEP_INLINE void avg_forward_k(const FwdParams& p, const View<T, A>& v, const A*
   constexpr bool kPairs = std::is_same<T, bf16>::value;
   // the pair kernel's weights: one row of C (+ padding) per variant and tap, in Packing's
   // channel order
-  const int64_t ws = padded_stride<A>(v.C);
-  if (kPairs) s.packed_w.resize(size_t(4 * K1 * K1 * ws));
-  for (int64_t row = 0; kPairs && row < 4 * K1 * K1; ++row) {
-    if constexpr (P::kDeinterleaved)
-      P::deinterleave(s.wf.data() + row * v.C, s.packed_w.data() + row * ws, v.C);
-    else
-      std::copy_n(s.wf.data() + row * v.C, v.C, s.packed_w.data() + row * ws);
+  const int64_t ws = v.ws;
+  const A* packed_w = s.wf.data();
+  if constexpr (P::kDeinterleaved) {
+    s.packed_w.resize(size_t(4 * K1 * K1 * ws));
+    for (int64_t row = 0; row < 4 * K1 * K1; ++row)
+      P::deinterleave(s.wf.data() + row * ws, s.packed_w.data() + row * ws, v.C);
+    packed_w = s.packed_w.data();
   }
-  const A* packed_w = s.packed_w.data();
   const A* packed_b = bias;
   if constexpr (P::kDeinterleaved) {
     if (bias) {
@@ -98,14 +97,14 @@ SAEP_INLINE void avg_forward_k(const FwdParams& p, const View<T, A>& v, const A*
   }
   for (int64_t oi = 0; oi < v.Ho; ++oi) {
     for (int64_t oj = 0; oj < v.Wo; ++oj) {
-      const int64_t wofs = variant_of(p.g, oi, oj) * K1 * K1 * v.C;
+      const int64_t wofs = variant_of(p.g, oi, oj) * K1 * K1 * ws;
       const A* wv = s.wf.data() + wofs;
       T* o = out + (oi * v.Wo + oj) * v.kc;
       const int64_t j0 = 2 * oj - v.pad;
       if (kPairs && oj + 1 < v.Wo && j0 >= 0 && j0 + K1 + 2 <= v.W &&
           variant_of(p.g, oi, oj + 1) == variant_of(p.g, oi, oj)) {
         const int64_t done =
-            avg_window_pair<K1>(v, packed_w + wofs / v.C * ws, ws, packed_b, oi, oj, o, o + v.kc);
+            avg_window_pair<K1>(v, packed_w + wofs, ws, packed_b, oi, oj, o, o + v.kc);
         avg_window(v, wv, bias, oi, oj, o, done);
         avg_window(v, wv, bias, oi, oj + 1, o + v.kc, done);
         ++oj;
@@ -149,7 +148,7 @@ SAEP_INLINE void max_forward(const FwdParams& p, const View<T, A>& v, const A* b
           }
           for_taps(v, i, j, [&](int u, int vv, const T* x) SAEP_LAMBDA_INLINE {
             const T* xp = x + c;
-            const A* wp = w + (u * v.k + vv) * v.C + c;
+            const A* wp = w + (u * v.k + vv) * v.ws + c;
             for (int64_t q = 0; q < len; ++q) z[q] += ld<T, A>(xp[q]) * wp[q];
           });
         };
