@@ -7,6 +7,8 @@
 //   torch.ops.saep_C.fused_aggregate_bwd(grad_out, hidden_states, weight, argmax,
 //       grad_hidden_states, weight_grad_parts, bias_grad_parts, height, width,
 //       num_prefix_tokens, residual, pool) -> ()
+//   torch.ops.saep_C.fused_aggregate_varlen_fwd / _varlen_bwd: the same for packed images of
+//       different grids (an image table instead of height, width, num_prefix_tokens)
 //
 // These are the kernels behind backend="cpu" / "cuda" of saep::fused_aggregate, which adds
 // the argument checks users see, autograd, the fake implementation, the input layout and the
@@ -52,12 +54,23 @@ TORCH_LIBRARY(saep_C, m) {
       "Tensor? argmax, Tensor(a!)[] grad_hidden_states, Tensor(b!)? weight_grad_parts, "
       "Tensor(c!)? bias_grad_parts, int height, int width, int num_prefix_tokens, "
       "bool residual, str pool) -> ()");
+  // packed images of different grids (saep_kernels.fused_aggregate_varlen); CPU kernels only
+  m.def(
+      "fused_aggregate_varlen_fwd(Tensor[] hidden_states, Tensor weight, Tensor? bias, "
+      "Tensor images, Tensor(a!) out, Tensor(b!)? argmax, bool residual, str pool) -> ()");
+  m.def(
+      "fused_aggregate_varlen_bwd(Tensor grad_out, Tensor[] hidden_states, Tensor weight, "
+      "Tensor? argmax, Tensor images, Tensor(a!)[] grad_hidden_states, "
+      "Tensor(b!)? weight_grad_parts, Tensor(c!)? bias_grad_parts, bool residual, "
+      "str pool) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(saep_C, CPU, m) {
   using Kernels = saep::binding::CpuKernels;
   m.impl("fused_aggregate_fwd", &saep::binding::fused_aggregate_fwd<Kernels>);
   m.impl("fused_aggregate_bwd", &saep::binding::fused_aggregate_bwd<Kernels>);
+  m.impl("fused_aggregate_varlen_fwd", &saep::binding::fused_aggregate_varlen_fwd<Kernels>);
+  m.impl("fused_aggregate_varlen_bwd", &saep::binding::fused_aggregate_varlen_bwd<Kernels>);
 }
 
 namespace {

@@ -46,15 +46,14 @@ inline void check_tensor(const at::Tensor& t, const char* name, at::IntArrayRef 
   TORCH_CHECK(!contiguous || t.is_contiguous(), "saep: ", name, " must be contiguous");
 }
 
-// The geometry of the layers and the op's arguments, checked; the tap weights checked too.
-inline Geometry geometry(const std::vector<at::Tensor>& xs, const at::Tensor& weight,
-                         int64_t height, int64_t width, int64_t prefix, bool residual,
-                         c10::string_view pool) {
+// The layers (K tensors of one shape, dtype and device, channel stride 1, of `dims`
+// dimensions), checked.
+inline void check_layers(const std::vector<at::Tensor>& xs, int64_t dims) {
   TORCH_CHECK(!xs.empty(), "saep: hidden_states must hold at least one tensor");
   TORCH_CHECK(int64_t(xs.size()) <= kMaxLayers, "saep: the compiled kernels take at most ",
               kMaxLayers, " layers, got ", xs.size());
   const at::Tensor& x0 = xs[0];
-  TORCH_CHECK(x0.dim() == 3, "saep: hidden_states[0] must be [B, T, C], got ", x0.sizes());
+  TORCH_CHECK(x0.dim() == dims, "saep: hidden_states[0] must be [B, T, C], got ", x0.sizes());
   for (size_t i = 0; i < xs.size(); ++i) {
     TORCH_CHECK(xs[i].sizes() == x0.sizes(), "saep: hidden_states[", i, "] has shape ",
                 xs[i].sizes(), ", hidden_states[0] has ", x0.sizes());
@@ -65,10 +64,22 @@ inline Geometry geometry(const std::vector<at::Tensor>& xs, const at::Tensor& we
     TORCH_CHECK(channel_contiguous(xs[i]), "saep: hidden_states[", i,
                 "] must have channel stride 1, got strides ", xs[i].strides());
   }
-  TORCH_CHECK(height > 0 && width > 0, "saep: grid must be positive, got ", height, "x", width);
-  TORCH_CHECK(prefix >= 0 && prefix + height * width == x0.size(1), "saep: T = ", x0.size(1),
-              " tokens do not hold num_prefix_tokens + H*W = ", prefix, " + ", height, "*",
-              width);
+}
+
+// The geometry of the layers [B, T, C] and the op's arguments, checked; the tap weights
+// checked too. Packed inputs (`images` given) pass height = width = 0 and prefix = 0.
+inline Geometry geometry(const std::vector<at::Tensor>& xs, const at::Tensor& weight,
+                         int64_t height, int64_t width, int64_t prefix, bool residual,
+                         c10::string_view pool, bool packed = false) {
+  check_layers(xs, 3);
+  const at::Tensor& x0 = xs[0];
+  if (!packed) {
+    TORCH_CHECK(height > 0 && width > 0, "saep: grid must be positive, got ", height, "x",
+                width);
+    TORCH_CHECK(prefix >= 0 && prefix + height * width == x0.size(1), "saep: T = ", x0.size(1),
+                " tokens do not hold num_prefix_tokens + H*W = ", prefix, " + ", height, "*",
+                width);
+  }
   TORCH_CHECK(pool == "avg" || pool == "max", "saep: pool must be 'avg' or 'max', got '", pool,
               "'");
   const int64_t kc = int64_t(xs.size()) * x0.size(2);
@@ -93,6 +104,44 @@ inline Geometry geometry(const std::vector<at::Tensor>& xs, const at::Tensor& we
   return g;
 }
 
+// Packed inputs: the layers [1, N, C] and the image table [n, kImageFields] (int64, on the
+// CPU, contiguous), checked so that no kernel reads or writes out of bounds: every grid
+// positive, the images' tokens in order without overlap inside [0, N), their outputs one after
+// the other from 0. Returns the geometry (batch = n images) and sets `windows` to the output
+// tokens of all images.
+inline Geometry packed_geometry(const std::vector<at::Tensor>& xs, const at::Tensor& weight,
+                                const at::Tensor& images, bool residual, c10::string_view pool,
+                                int64_t& windows) {
+  Geometry g = geometry(xs, weight, 0, 0, 0, residual, pool, /*packed=*/true);
+  TORCH_CHECK(g.batch == 1, "saep: packed hidden_states must be [1, N, C], got ",
+              xs[0].sizes());
+  TORCH_CHECK(images.dim() == 2 && images.size(1) == kImageFields &&
+                  images.scalar_type() == at::kLong && images.device().is_cpu() &&
+                  images.is_contiguous(),
+              "saep: images must be a contiguous int64 CPU tensor [n, ", kImageFields,
+              "] (height, width, first token, first window), got ", images.sizes(), " ",
+              images.scalar_type(), " on ", images.device());
+  const int64_t n = images.size(0), tokens = xs[0].size(1);
+  const int64_t* row = images.data_ptr<int64_t>();
+  int64_t next_token = 0;
+  windows = 0;
+  for (int64_t i = 0; i < n; ++i, row += kImageFields) {
+    const int64_t h = row[kImageHeight], w = row[kImageWidth], first = row[kImageFirstToken];
+    TORCH_CHECK(h > 0 && w > 0, "saep: images[", i, "] has an empty grid ", h, "x", w);
+    TORCH_CHECK(h <= tokens && w <= tokens && first >= 0, "saep: images[", i, "]: grid ", h,
+                "x", w, " at token ", first, " does not fit the N = ", tokens, " tokens");
+    TORCH_CHECK(first >= next_token && h * w <= tokens - first, "saep: images[", i,
+                "]: tokens [", first, ", ", first, " + ", h, "*", w,
+                ") overlap the previous image or pass the N = ", tokens, " tokens");
+    TORCH_CHECK(row[kImageFirstWindow] == windows, "saep: images[", i, "] must start at output ",
+                "token ", windows, ", got ", row[kImageFirstWindow]);
+    next_token = first + h * w;
+    windows += ((h + 1) / 2) * ((w + 1) / 2);
+  }
+  g.batch = n;
+  return g;
+}
+
 inline LayerPtrs layer_ptrs(const std::vector<at::Tensor>& xs) {
   LayerPtrs out{};
   for (size_t i = 0; i < xs.size(); ++i) {
@@ -103,16 +152,12 @@ inline LayerPtrs layer_ptrs(const std::vector<at::Tensor>& xs) {
   return out;
 }
 
-// saep_C::fused_aggregate_fwd: writes `out` (and `argmax`, for max pooling, when given).
+// The forward's outputs and bias checked into p (its geometry set), then the kernels run.
 template <typename Kernels>
-void fused_aggregate_fwd(const std::vector<at::Tensor>& xs, const at::Tensor& weight,
-                         const c10::optional<at::Tensor>& bias, const at::Tensor& out,
-                         const c10::optional<at::Tensor>& argmax, int64_t height, int64_t width,
-                         int64_t prefix, bool residual, c10::string_view pool) {
-  FwdParams p{};
-  p.g = geometry(xs, weight, height, width, prefix, residual, pool);
+void launch_fwd(FwdParams& p, const std::vector<at::Tensor>& xs, const at::Tensor& weight,
+                const c10::optional<at::Tensor>& bias, const at::Tensor& out,
+                const c10::optional<at::Tensor>& argmax, at::IntArrayRef out_sizes) {
   const at::Tensor& x0 = xs[0];
-  const std::vector<int64_t> out_sizes{p.g.batch, p.g.windows(), p.g.kc()};
   check_tensor(out, "out", out_sizes, x0.scalar_type(), x0.device(), true);
   if (bias.has_value() && bias->defined()) {
     check_tensor(*bias, "bias", {p.g.kc()}, compute_type(x0), x0.device(), true);
@@ -128,25 +173,45 @@ void fused_aggregate_fwd(const std::vector<at::Tensor>& xs, const at::Tensor& we
   Kernels::fwd(p, x0.device());
 }
 
-// saep_C::fused_aggregate_bwd: writes the gradients given: `grad_xs` (empty: not needed) and
-// the weight and bias partial sums [B, k*k, K*C] and [B, K*C], one row per image.
+// saep_C::fused_aggregate_fwd: writes `out` (and `argmax`, for max pooling, when given).
 template <typename Kernels>
-void fused_aggregate_bwd(const at::Tensor& grad_out, const std::vector<at::Tensor>& xs,
-                         const at::Tensor& weight, const c10::optional<at::Tensor>& argmax,
-                         at::TensorList grad_xs, const c10::optional<at::Tensor>& grad_w_parts,
-                         const c10::optional<at::Tensor>& grad_b_parts, int64_t height,
-                         int64_t width, int64_t prefix, bool residual, c10::string_view pool) {
-  BwdParams p{};
+void fused_aggregate_fwd(const std::vector<at::Tensor>& xs, const at::Tensor& weight,
+                         const c10::optional<at::Tensor>& bias, const at::Tensor& out,
+                         const c10::optional<at::Tensor>& argmax, int64_t height, int64_t width,
+                         int64_t prefix, bool residual, c10::string_view pool) {
+  FwdParams p{};
   p.g = geometry(xs, weight, height, width, prefix, residual, pool);
+  launch_fwd<Kernels>(p, xs, weight, bias, out, argmax, {p.g.batch, p.g.windows(), p.g.kc()});
+}
+
+// saep_C::fused_aggregate_varlen_fwd: the forward of packed images (layers [1, N, C], out
+// [1, sum of windows, K*C]).
+template <typename Kernels>
+void fused_aggregate_varlen_fwd(const std::vector<at::Tensor>& xs, const at::Tensor& weight,
+                                const c10::optional<at::Tensor>& bias,
+                                const at::Tensor& images, const at::Tensor& out,
+                                const c10::optional<at::Tensor>& argmax, bool residual,
+                                c10::string_view pool) {
+  FwdParams p{};
+  int64_t windows = 0;
+  p.g = packed_geometry(xs, weight, images, residual, pool, windows);
+  p.images = images.data_ptr<int64_t>();
+  launch_fwd<Kernels>(p, xs, weight, bias, out, argmax, {1, windows, p.g.kc()});
+}
+
+// The backward's inputs and outputs checked into p (its geometry set), then the kernels run.
+template <typename Kernels>
+void launch_bwd(BwdParams& p, const at::Tensor& grad_out, const std::vector<at::Tensor>& xs,
+                const at::Tensor& weight, const c10::optional<at::Tensor>& argmax,
+                at::TensorList grad_xs, const c10::optional<at::Tensor>& grad_w_parts,
+                const c10::optional<at::Tensor>& grad_b_parts, at::IntArrayRef out_sizes) {
   const Geometry& g = p.g;
   const at::Tensor& x0 = xs[0];
-  const std::vector<int64_t> out_sizes{g.batch, g.windows(), g.kc()};
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_sizes) &&
-                  grad_out.scalar_type() == x0.scalar_type() &&
+  TORCH_CHECK(grad_out.sizes() == out_sizes && grad_out.scalar_type() == x0.scalar_type() &&
                   grad_out.device() == x0.device() && channel_contiguous(grad_out),
-              "saep: grad_out must be ", at::IntArrayRef(out_sizes), " ", x0.scalar_type(),
-              " on ", x0.device(), " with channel stride 1, got ", grad_out.sizes(), " ",
-              grad_out.scalar_type(), " on ", grad_out.device(), " strides ", grad_out.strides());
+              "saep: grad_out must be ", out_sizes, " ", x0.scalar_type(), " on ", x0.device(),
+              " with channel stride 1, got ", grad_out.sizes(), " ", grad_out.scalar_type(),
+              " on ", grad_out.device(), " strides ", grad_out.strides());
   if (g.pool == Pool::Max) {
     TORCH_CHECK(argmax.has_value() && argmax->defined(),
                 "saep: max-pool backward needs the argmax saved by the forward");
@@ -177,6 +242,38 @@ void fused_aggregate_bwd(const at::Tensor& grad_out, const std::vector<at::Tenso
   p.gy_stride_b = grad_out.stride(0);
   p.gy_stride_t = grad_out.stride(1);
   Kernels::bwd(p, x0.device());
+}
+
+// saep_C::fused_aggregate_bwd: writes the gradients given: `grad_xs` (empty: not needed) and
+// the weight and bias partial sums [B, k*k, K*C] and [B, K*C], one row per image.
+template <typename Kernels>
+void fused_aggregate_bwd(const at::Tensor& grad_out, const std::vector<at::Tensor>& xs,
+                         const at::Tensor& weight, const c10::optional<at::Tensor>& argmax,
+                         at::TensorList grad_xs, const c10::optional<at::Tensor>& grad_w_parts,
+                         const c10::optional<at::Tensor>& grad_b_parts, int64_t height,
+                         int64_t width, int64_t prefix, bool residual, c10::string_view pool) {
+  BwdParams p{};
+  p.g = geometry(xs, weight, height, width, prefix, residual, pool);
+  launch_bwd<Kernels>(p, grad_out, xs, weight, argmax, grad_xs, grad_w_parts, grad_b_parts,
+                      {p.g.batch, p.g.windows(), p.g.kc()});
+}
+
+// saep_C::fused_aggregate_varlen_bwd: the backward of packed images; the partial sums have
+// one row per image.
+template <typename Kernels>
+void fused_aggregate_varlen_bwd(const at::Tensor& grad_out, const std::vector<at::Tensor>& xs,
+                                const at::Tensor& weight,
+                                const c10::optional<at::Tensor>& argmax,
+                                const at::Tensor& images, at::TensorList grad_xs,
+                                const c10::optional<at::Tensor>& grad_w_parts,
+                                const c10::optional<at::Tensor>& grad_b_parts, bool residual,
+                                c10::string_view pool) {
+  BwdParams p{};
+  int64_t windows = 0;
+  p.g = packed_geometry(xs, weight, images, residual, pool, windows);
+  p.images = images.data_ptr<int64_t>();
+  launch_bwd<Kernels>(p, grad_out, xs, weight, argmax, grad_xs, grad_w_parts, grad_b_parts,
+                      {1, windows, p.g.kc()});
 }
 
 }  // namespace binding

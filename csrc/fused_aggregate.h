@@ -51,6 +51,14 @@ struct Geometry {
   SAEP_HD int32_t pad() const { return ksize / 2; }
 };
 
+// Packed inputs (fused_aggregate_varlen): images of different grids, their tokens one after
+// the other in each layer's token dimension (layers [1, N, C]), their outputs one after the
+// other ([1, sum of windows, K*C]). Row i of the table, kImageFields values:
+enum ImageField : int { kImageHeight = 0, kImageWidth, kImageFirstToken, kImageFirstWindow };
+constexpr int kImageFields = 4;
+// kImageFirstToken: the token of the image's pixel (0, 0) (past its prefix tokens);
+// kImageFirstWindow: the output token of its window (0, 0).
+
 struct LayerPtrs {
   const void* data[kMaxLayers];
   int64_t stride_b[kMaxLayers];  // elements
@@ -64,6 +72,9 @@ struct FwdParams {
   const void* bias;    // [K*C] compute type, or nullptr
   void* out;           // [B, Ho*Wo, K*C] contiguous, input dtype
   uint8_t* argmax;     // [B, Ho*Wo, K*C] window position 0..3 of each max, or nullptr
+  const int64_t* images;  // nullptr: g.batch images of the grid g.height x g.width; else
+                          // packed inputs, [g.batch][kImageFields] (g.height, g.width and
+                          // g.prefix unused)
 };
 
 struct BwdParams {
@@ -78,6 +89,8 @@ struct BwdParams {
                              // caller zeroes the prefix rows, the kernels write the grid
   void* grad_w_part;        // [B, k*k, K*C] compute type (one row per image), or nullptr;
   void* grad_b_part;        // [B, K*C] compute type, or nullptr: the caller sums the rows
+  const int64_t* images;    // as in FwdParams; packed: grad_out, argmax and grad_x as the
+                            // forward's out, argmax and x
 };
 
 // Position (dy, dx) of a 2x2 window as stored in `argmax`.

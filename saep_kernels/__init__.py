@@ -11,6 +11,7 @@ from .modules import SAEPProjector
 from .ops import FusedAggregateFunction, aggregate_spec, fused_aggregate
 from .reference import fused_aggregate_reference
 from .spec import AggregateSpec, num_output_tokens
+from .varlen import fused_aggregate_varlen
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "cpu_capability",
     "fused_aggregate",
     "fused_aggregate_reference",
+    "fused_aggregate_varlen",
     "num_output_tokens",
     "set_cpu_capability",
     "__version__",

@@ -53,6 +53,59 @@ def resolve_grid(grid, tokens: int, num_prefix_tokens: int) -> Tuple[int, int]:
     return height, width
 
 
+def check_options(residual, pool) -> None:
+    """``residual`` and ``pool``, as every variant of the op takes them."""
+    if not isinstance(residual, bool):
+        raise TypeError(f"residual must be a bool, got {residual!r}")
+    if pool not in POOL_MODES:
+        raise ValueError(f"pool must be one of {POOL_MODES}, got {pool!r}")
+
+
+def check_weight_and_bias(weight, bias, num_layers: int, channels: int,
+                          device: torch.device) -> int:
+    """The depthwise weight [K*C, 1, k, k] and the bias [K*C] or None, on ``device``; returns
+    the kernel size k."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    if weight.device != device:
+        raise ValueError(
+            f"weight must be on the device of hidden_states ({device}), got {weight.device}"
+        )
+    if weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(
+            f"weight must have shape [K*C, 1, k, k] (a depthwise nn.Conv2d weight), "
+            f"got {tuple(weight.shape)}"
+        )
+    kernel_size = int(weight.shape[2])
+    if kernel_size % 2 == 0:
+        raise ValueError(
+            f"weight must have an odd kernel size k in {KERNEL_SIZES}, got an even k={kernel_size}"
+        )
+    if kernel_size not in KERNEL_SIZES:
+        raise ValueError(f"weight kernel size k must be one of {KERNEL_SIZES}, got k={kernel_size}")
+    if weight.shape[0] != num_layers * channels:
+        raise ValueError(
+            f"weight must have K*C = {num_layers}*{channels} = {num_layers * channels} channels "
+            f"(dim 0), got {weight.shape[0]}"
+        )
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be None or a torch.Tensor, got {type(bias).__name__}")
+        if not bias.is_floating_point():
+            raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
+        if bias.device != device:
+            raise ValueError(
+                f"bias must be on the device of hidden_states ({device}), got {bias.device}"
+            )
+        if tuple(bias.shape) != (num_layers * channels,):
+            raise ValueError(
+                f"bias must have shape [K*C] = [{num_layers * channels}], got {tuple(bias.shape)}"
+            )
+    return kernel_size
+
+
 def check_inputs(
     hidden_states: Sequence[torch.Tensor],
     weight: torch.Tensor,
@@ -113,49 +166,8 @@ def check_inputs(
             f"num_prefix_tokens must be smaller than the token count T={tokens}, "
             f"got {num_prefix_tokens}"
         )
-    if not isinstance(residual, bool):
-        raise TypeError(f"residual must be a bool, got {residual!r}")
-    if pool not in POOL_MODES:
-        raise ValueError(f"pool must be one of {POOL_MODES}, got {pool!r}")
-
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
-    if weight.device != first.device:
-        raise ValueError(
-            f"weight must be on the device of hidden_states ({first.device}), got {weight.device}"
-        )
-    if weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
-        raise ValueError(
-            f"weight must have shape [K*C, 1, k, k] (a depthwise nn.Conv2d weight), "
-            f"got {tuple(weight.shape)}"
-        )
-    kernel_size = int(weight.shape[2])
-    if kernel_size % 2 == 0:
-        raise ValueError(
-            f"weight must have an odd kernel size k in {KERNEL_SIZES}, got an even k={kernel_size}"
-        )
-    if kernel_size not in KERNEL_SIZES:
-        raise ValueError(f"weight kernel size k must be one of {KERNEL_SIZES}, got k={kernel_size}")
-    if weight.shape[0] != num_layers * channels:
-        raise ValueError(
-            f"weight must have K*C = {num_layers}*{channels} = {num_layers * channels} channels "
-            f"(dim 0), got {weight.shape[0]}"
-        )
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be None or a torch.Tensor, got {type(bias).__name__}")
-        if not bias.is_floating_point():
-            raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
-        if bias.device != first.device:
-            raise ValueError(
-                f"bias must be on the device of hidden_states ({first.device}), got {bias.device}"
-            )
-        if tuple(bias.shape) != (num_layers * channels,):
-            raise ValueError(
-                f"bias must have shape [K*C] = [{num_layers * channels}], got {tuple(bias.shape)}"
-            )
+    check_options(residual, pool)
+    check_weight_and_bias(weight, bias, num_layers, channels, first.device)
 
     height, width = resolve_grid(grid, tokens, num_prefix_tokens)
     return AggregateSpec.of(hidden_states, weight, height=height, width=width,

@@ -38,14 +38,13 @@ struct GradTask {
   Scratch<A>& s;
 
   GradTask(const BwdParams& p, const Task& t, Scratch<A>& scratch)
-      : g(p.g), v(p.g, p.x, t),
-        gy(static_cast<const T*>(p.grad_out) + t.b * p.gy_stride_b + t.l * p.g.channels),
+      : g(t.g), v(p.x, t),
+        gy(static_cast<const T*>(p.grad_out) +
+           (t.packed ? t.window * p.gy_stride_t : t.b * p.gy_stride_b) + t.l * g.channels),
         gst(p.gy_stride_t),
-        am(p.argmax ? p.argmax + t.b * p.g.windows() * p.g.kc() + t.l * p.g.channels : nullptr),
+        am(p.argmax ? p.argmax + t.window * g.kc() + t.l * g.channels : nullptr),
         w(nullptr),
-        gx(p.grad_x[0] ? static_cast<T*>(p.grad_x[t.l]) +
-                             (t.b * p.g.tokens() + p.g.prefix) * p.g.channels
-                       : nullptr),
+        gx(p.grad_x[0] ? static_cast<T*>(p.grad_x[t.l]) + t.token * g.channels : nullptr),
         gw(nullptr), s(scratch) {
     task_weights(g, p.weight, t, s.w);
     w = s.w.data();
@@ -259,9 +258,9 @@ template <typename T, typename A>
 struct BackwardTask {
   static SAEP_INLINE void run(const BwdParams& p, const Task& task, Scratch<A>& s) {
     GradTask<T, A> t(p, task, s);
-    const int64_t C = p.g.channels, kc = p.g.kc();
-    if (p.g.pool == Pool::Avg) {
-      fold_avg(p.g, s.w, s.wf);
+    const int64_t C = t.g.channels, kc = t.g.kc();
+    if (t.g.pool == Pool::Avg) {
+      fold_avg(t.g, s.w, s.wf);
       if (t.gx) avg_input_grad(t);
       if (t.gw) avg_weight_grad(t);
     } else if (t.gx || t.gw) {
@@ -275,7 +274,7 @@ struct BackwardTask {
       }
     }
     if (t.gw) {
-      const int taps = p.g.ksize * p.g.ksize;
+      const int taps = t.g.ksize * t.g.ksize;
       A* part = static_cast<A*>(p.grad_w_part) + task.b * taps * kc + task.l * C;
       for (int tap = 0; tap < taps; ++tap) std::copy_n(t.gw + tap * t.v.ws, C, part + tap * kc);
     }

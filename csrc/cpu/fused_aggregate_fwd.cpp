@@ -70,7 +70,7 @@ SAEP_INLINE int64_t avg_window_pair(const View<T, A>& v, const A* wv, int64_t ws
 }
 
 template <int K1, typename T, typename A>
-SAEP_INLINE void avg_forward_k(const FwdParams& p, const View<T, A>& v, const A* bias, T* out,
+SAEP_INLINE void avg_forward_k(const View<T, A>& v, const A* bias, T* out,
                                Scratch<A>& s) {
   using P = Packing<T, A>;
   // Window pairs for bf16 only: measured (cpu_kernel_bench, llava15-7b B=8, 2 threads,
@@ -97,12 +97,12 @@ SAEP_INLINE void avg_forward_k(const FwdParams& p, const View<T, A>& v, const A*
   }
   for (int64_t oi = 0; oi < v.Ho; ++oi) {
     for (int64_t oj = 0; oj < v.Wo; ++oj) {
-      const int64_t wofs = variant_of(p.g, oi, oj) * K1 * K1 * ws;
+      const int64_t wofs = variant_of(v.g, oi, oj) * K1 * K1 * ws;
       const A* wv = s.wf.data() + wofs;
       T* o = out + (oi * v.Wo + oj) * v.kc;
       const int64_t j0 = 2 * oj - v.pad;
       if (kPairs && oj + 1 < v.Wo && j0 >= 0 && j0 + K1 + 2 <= v.W &&
-          variant_of(p.g, oi, oj + 1) == variant_of(p.g, oi, oj)) {
+          variant_of(v.g, oi, oj + 1) == variant_of(v.g, oi, oj)) {
         const int64_t done =
             avg_window_pair<K1>(v, packed_w + wofs, ws, packed_b, oi, oj, o, o + v.kc);
         avg_window(v, wv, bias, oi, oj, o, done);
@@ -116,19 +116,19 @@ SAEP_INLINE void avg_forward_k(const FwdParams& p, const View<T, A>& v, const A*
 }
 
 template <typename T, typename A>
-SAEP_INLINE void avg_forward(const FwdParams& p, const View<T, A>& v, const A* bias, T* out,
+SAEP_INLINE void avg_forward(const View<T, A>& v, const A* bias, T* out,
                              Scratch<A>& s) {
-  fold_avg(p.g, s.w, s.wf);
+  fold_avg(v.g, s.w, s.wf);
   switch (v.k1) {
-    case 2: return avg_forward_k<2>(p, v, bias, out, s);
-    case 4: return avg_forward_k<4>(p, v, bias, out, s);
-    case 6: return avg_forward_k<6>(p, v, bias, out, s);
-    default: return avg_forward_k<8>(p, v, bias, out, s);
+    case 2: return avg_forward_k<2>(v, bias, out, s);
+    case 4: return avg_forward_k<4>(v, bias, out, s);
+    case 6: return avg_forward_k<6>(v, bias, out, s);
+    default: return avg_forward_k<8>(v, bias, out, s);
   }
 }
 
 template <typename T, typename A>
-SAEP_INLINE void max_forward(const FwdParams& p, const View<T, A>& v, const A* bias, T* out,
+SAEP_INLINE void max_forward(const View<T, A>& v, const A* bias, T* out,
                              uint8_t* argmax, const Scratch<A>& s) {
   const A* w = s.w.data();
   constexpr int L = lanes<A>() / 2;
@@ -136,13 +136,13 @@ SAEP_INLINE void max_forward(const FwdParams& p, const View<T, A>& v, const A* b
     for (int64_t oj = 0; oj < v.Wo; ++oj) {
       T* o = out + (oi * v.Wo + oj) * v.kc;
       uint8_t* am = argmax ? argmax + (oi * v.Wo + oj) * v.kc : nullptr;
-      const WindowExtent ext = window_extent(p.g, oi, oj);
+      const WindowExtent ext = window_extent(v.g, oi, oj);
       for_chunks<L>(v.C, [&](auto chunk, int64_t c, int64_t n) SAEP_LAMBDA_INLINE {
         const int64_t len = SAEP_LEN(chunk, n);
         // z = conv output at grid position (i, j) for this chunk's channels
         auto conv_at = [&](int64_t i, int64_t j, A* z) SAEP_LAMBDA_INLINE {
           for (int64_t q = 0; q < len; ++q) z[q] = bias ? bias[c + q] : A(0);
-          if (p.g.residual) {
+          if (v.g.residual) {
             const T* xp = v.px(i, j) + c;
             for (int64_t q = 0; q < len; ++q) z[q] += ld<T, A>(xp[q]);
           }
@@ -180,14 +180,14 @@ SAEP_INLINE void max_forward(const FwdParams& p, const View<T, A>& v, const A* b
 template <typename T, typename A>
 struct ForwardTask {
   static SAEP_INLINE void run(const FwdParams& p, const Task& t, Scratch<A>& s) {
-    const View<T, A> v(p.g, p.x, t);
+    const View<T, A> v(p.x, t);
     const A* bias = p.bias ? static_cast<const A*>(p.bias) + t.l * v.C : nullptr;
-    const int64_t out_base = t.b * p.g.windows() * v.kc + t.l * v.C;
-    task_weights(p.g, p.weight, t, s.w);
-    if (p.g.pool == Pool::Avg)
-      avg_forward(p, v, bias, static_cast<T*>(p.out) + out_base, s);
+    const int64_t out_base = t.window * v.kc + t.l * v.C;
+    task_weights(t.g, p.weight, t, s.w);
+    if (t.g.pool == Pool::Avg)
+      avg_forward(v, bias, static_cast<T*>(p.out) + out_base, s);
     else
-      max_forward(p, v, bias, static_cast<T*>(p.out) + out_base,
+      max_forward(v, bias, static_cast<T*>(p.out) + out_base,
                   p.argmax ? p.argmax + out_base : nullptr, s);
   }
 };

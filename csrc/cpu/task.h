@@ -53,14 +53,33 @@
 namespace saep {
 namespace cpu {
 
+// Image b, layer l. Its geometry is the call's, with the image's own grid when the inputs are
+// packed (Params::images); the kernels read it from here, never from the call.
 struct Task {
   int64_t b;
   int32_t l;
+  Geometry g;      // the image's: height, width (and prefix 0 when packed)
+  bool packed;
+  int64_t token;   // packed: the token of the image's pixel (0, 0)
+  int64_t window;  // the output token of its window (0, 0)
 };
 
 inline int64_t num_tasks(const Geometry& g) { return g.batch * g.num_layers; }
-inline Task task_at(const Geometry& g, int64_t t) {
-  return Task{t / g.num_layers, int32_t(t % g.num_layers)};
+template <typename Params>
+inline Task task_at(const Params& p, int64_t t) {
+  Task task{t / p.g.num_layers, int32_t(t % p.g.num_layers), p.g, p.images != nullptr, 0, 0};
+  if (task.packed) {
+    const int64_t* row = p.images + task.b * kImageFields;
+    task.g.height = row[kImageHeight];
+    task.g.width = row[kImageWidth];
+    task.g.prefix = 0;
+    task.token = row[kImageFirstToken];
+    task.window = row[kImageFirstWindow];
+  } else {
+    task.token = task.b * p.g.tokens() + p.g.prefix;
+    task.window = task.b * p.g.windows();
+  }
+  return task;
 }
 
 // Calls f(chunk, c, n) over [0, C) in chunks: chunk is std::integral_constant<int, L> for
@@ -206,11 +225,12 @@ struct View {
   int64_t ws;  // the stride of the task's weight rows in scratch memory (padded_stride)
   const T* x;  // image b of layer l at pixel (0, 0)
 
-  View(const Geometry& geo, const LayerPtrs& lp, const Task& t)
-      : g(geo), k(geo.ksize), k1(geo.ksize + 1), pad(geo.pad()), H(geo.height), W(geo.width),
-        Ho(geo.out_height()), Wo(geo.out_width()), C(geo.channels), kc(geo.kc()),
-        st(lp.stride_t[t.l]), ws(padded_stride<A>(geo.channels)),
-        x(static_cast<const T*>(lp.data[t.l]) + t.b * lp.stride_b[t.l] + geo.prefix * lp.stride_t[t.l]) {}
+  View(const LayerPtrs& lp, const Task& t)
+      : g(t.g), k(g.ksize), k1(g.ksize + 1), pad(g.pad()), H(g.height), W(g.width),
+        Ho(g.out_height()), Wo(g.out_width()), C(g.channels), kc(g.kc()),
+        st(lp.stride_t[t.l]), ws(padded_stride<A>(g.channels)),
+        x(static_cast<const T*>(lp.data[t.l]) +
+          (t.packed ? t.token * st : t.b * lp.stride_b[t.l] + g.prefix * st)) {}
 
   const T* px(int64_t r, int64_t c) const { return x + (r * W + c) * st; }
 };
@@ -320,7 +340,7 @@ struct Scratch {
 template <template <typename, typename> class TaskFn, typename T, typename A, typename Params>
 SAEP_INLINE void run_chunk(const Params& p, int64_t begin, int64_t end) {
   Scratch<A> s;
-  for (int64_t t = begin; t < end; ++t) TaskFn<T, A>::run(p, task_at(p.g, t), s);
+  for (int64_t t = begin; t < end; ++t) TaskFn<T, A>::run(p, task_at(p, t), s);
 }
 
 template <typename Params>

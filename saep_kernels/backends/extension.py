@@ -93,7 +93,14 @@ class ExtensionBackend(FusedBackend):
             return f"saep_kernels._C was built without {self.name} kernels"
         return None
 
+    @property
+    def takes_packed_grids(self) -> bool:
+        return self.name == "cpu"  # the CUDA kernels do not take packed grids yet
+
     def supports(self, spec) -> Optional[str]:
+        why = super().supports(spec)
+        if why is not None:
+            return why
         if EXTENSION is not None and spec.num_layers > EXTENSION.MAX_LAYERS:
             return (f"the compiled kernels take at most {EXTENSION.MAX_LAYERS} layers, got "
                     f"{spec.num_layers}")
@@ -106,3 +113,13 @@ class ExtensionBackend(FusedBackend):
                         bias_parts):
         torch.ops.saep_C.fused_aggregate_bwd(grad_out, layers, weight, argmax, grad_layers,
                                              weight_parts, bias_parts, *spec.op_args())
+
+    def launch_forward_varlen(self, spec, layers, weight, bias, images, out, argmax):
+        torch.ops.saep_C.fused_aggregate_varlen_fwd(layers, weight, bias, images, out, argmax,
+                                                    spec.residual, spec.pool)
+
+    def launch_backward_varlen(self, spec, grad_out, layers, weight, argmax, images,
+                               grad_layers, weight_parts, bias_parts):
+        torch.ops.saep_C.fused_aggregate_varlen_bwd(grad_out, layers, weight, argmax, images,
+                                                    grad_layers, weight_parts, bias_parts,
+                                                    spec.residual, spec.pool)

@@ -63,13 +63,14 @@ def input_grad_buffers(spec: AggregateSpec, like: Tensor) -> List[Tensor]:
     return grads
 
 
-def partial_buffers(spec: AggregateSpec, needs: GradsNeeded, like: Tensor,
+def partial_buffers(spec, needs: GradsNeeded, like: Tensor,
                     dtype: torch.dtype) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """The kernels' weight and bias partial sums, one row per image, for what ``needs`` asks
-    (None otherwise)."""
-    weight = like.new_empty((spec.batch, spec.taps, spec.out_channels), dtype=dtype) \
+    (None otherwise). ``spec``: an ``AggregateSpec`` or a ``VarlenSpec``."""
+    rows = spec.batch if isinstance(spec, AggregateSpec) else spec.num_images
+    weight = like.new_empty((rows, spec.taps, spec.out_channels), dtype=dtype) \
         if needs.weight else None
-    bias = like.new_empty((spec.batch, spec.out_channels), dtype=dtype) if needs.bias else None
+    bias = like.new_empty((rows, spec.out_channels), dtype=dtype) if needs.bias else None
     return weight, bias
 
 
@@ -93,9 +94,15 @@ class FusedBackend:
         """None when this backend can run tensors on ``device``, else a sentence saying why not."""
         raise NotImplementedError
 
-    def supports(self, spec: AggregateSpec) -> Optional[str]:
-        """None when this backend computes ``spec``, else a sentence saying why not."""
+    def supports(self, spec) -> Optional[str]:
+        """None when this backend computes ``spec`` (an ``AggregateSpec``, or a ``VarlenSpec``
+        of packed grids), else a sentence saying why not."""
+        if not isinstance(spec, AggregateSpec) and not self.takes_packed_grids:
+            return f"backend {self.name!r} does not take packed grids (fused_aggregate_varlen) yet"
         return None
+
+    # whether launch_forward_varlen / launch_backward_varlen exist
+    takes_packed_grids: bool = False
 
     def launch_forward(self, spec: AggregateSpec, layers: Sequence[Tensor], weight: Tensor,
                        bias: Optional[Tensor], out: Tensor, argmax: Optional[Tensor]) -> None:
@@ -107,6 +114,20 @@ class FusedBackend:
                         weight_parts: Optional[Tensor], bias_parts: Optional[Tensor]) -> None:
         """Write the gradients asked for: ``grad_layers`` (empty when not needed) and the
         weight and bias partial sums (None when not needed)."""
+        raise NotImplementedError
+
+    def launch_forward_varlen(self, spec, layers: Sequence[Tensor], weight: Tensor,
+                              bias: Optional[Tensor], images: Tensor, out: Tensor,
+                              argmax: Optional[Tensor]) -> None:
+        """Packed grids: write ``out`` [1, out_tokens, K*C] (and ``argmax``). ``images`` is the
+        host image table (saep_kernels.varlen.image_table)."""
+        raise NotImplementedError
+
+    def launch_backward_varlen(self, spec, grad_out: Tensor, layers: Sequence[Tensor],
+                               weight: Tensor, argmax: Optional[Tensor], images: Tensor,
+                               grad_layers: Sequence[Tensor], weight_parts: Optional[Tensor],
+                               bias_parts: Optional[Tensor]) -> None:
+        """Packed grids: the gradients asked for, partial sums one row per image."""
         raise NotImplementedError
 
     def forward(self, spec: AggregateSpec, hidden_states: Sequence[Tensor], weight: Tensor,
@@ -140,3 +161,30 @@ class FusedBackend:
                 grad_layers, weight_parts, bias_parts)
         grad_w, grad_b = reduce_partials(spec, weight_parts, bias_parts)
         return grad_layers, grad_w, grad_b
+
+    def forward_varlen(self, spec, layers: Sequence[Tensor], weight: Tensor,
+                       bias: Optional[Tensor], images: Tensor, out: Tensor,
+                       argmax: Optional[Tensor]) -> None:
+        """Packed grids (a ``VarlenSpec``, layers [1, N, C]): writes ``out`` and ``argmax``,
+        allocated by the caller."""
+        acc = compute_dtype(layers[0].dtype)
+        self.launch_forward_varlen(spec, [channel_contiguous(x) for x in layers],
+                                   tap_weights(weight, acc), kernel_bias(bias, acc), images, out,
+                                   argmax)
+
+    def backward_varlen(self, spec, needs: GradsNeeded, grad_out: Tensor,
+                        layers: Sequence[Tensor], weight: Tensor, argmax: Tensor, images: Tensor,
+                        grad_layers: Sequence[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """Packed grids: writes ``grad_layers`` (when given) and returns the weight and bias
+        gradients asked for (compute dtype)."""
+        if spec.pool == "max" and tuple(argmax.shape) != tuple(grad_out.shape):
+            raise ValueError("max-pool backward needs the argmax saved by the forward "
+                             f"(shape {tuple(grad_out.shape)}), got {tuple(argmax.shape)}")
+        acc = compute_dtype(layers[0].dtype)
+        weight_parts, bias_parts = partial_buffers(spec, needs, layers[0], acc)
+        if needs.any():
+            self.launch_backward_varlen(
+                spec, channel_contiguous(grad_out), [channel_contiguous(x) for x in layers],
+                tap_weights(weight, acc), argmax.contiguous() if spec.pool == "max" else None,
+                images, grad_layers, weight_parts, bias_parts)
+        return reduce_partials(spec, weight_parts, bias_parts)
