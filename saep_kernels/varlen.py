@@ -12,7 +12,8 @@ image (``image_table``: height, width, first token, first output token), built o
 from the grids the caller passes, so the op itself never synchronises with the device. The
 ``reference`` backend loops over images with ``fused_aggregate_reference`` (the oracle); the
 ``cpu`` backend runs the packed kernels; the Triton and CUDA kernels do not take packed grids
-yet (``BackendUnavailable`` says so).
+yet (naming them raises ``BackendUnavailable`` saying so; ``backend="auto"`` on CUDA tensors
+falls back to the reference).
 
 Token layouts: ``"row_major"`` (token ``i*W + j`` of an image is row i, column j: Pixtral,
 CLIP, SigLIP) and ``"merge_2x2"`` (Qwen2-VL's processor order: the four tokens of each 2x2
@@ -33,7 +34,7 @@ from . import backends
 from ._checks import check_options, check_weight_and_bias
 from .reference import reference_unchecked
 from .spec import (FLOAT_DTYPES, NO_GRADS, AggregateSpec, GradsNeeded, compute_dtype,
-                   grads_needed, num_output_tokens)
+                   grads_needed)
 
 __all__ = ["fused_aggregate_varlen", "VarlenSpec", "LAYOUTS", "image_table"]
 
