@@ -9,6 +9,7 @@ from torch import nn
 
 from .backends import BACKENDS
 from .ops import fused_aggregate
+from .varlen import fused_aggregate_varlen
 from .spec import KERNEL_SIZES, POOL_MODES, num_output_tokens
 
 
@@ -75,6 +76,22 @@ class SAEPProjector(nn.Module):
     def forward(self, hidden_states: Sequence[torch.Tensor], grid=None,
                 num_prefix_tokens: int = 0) -> torch.Tensor:
         return self.mlp(self.aggregate(hidden_states, grid, num_prefix_tokens))
+
+    def aggregate_varlen(self, hidden_states: Sequence[torch.Tensor], grids,
+                         num_prefix_tokens=0, layout: str = "row_major") -> torch.Tensor:
+        """The fused part over packed images of different grids (``fused_aggregate_varlen``):
+        layers [N, C] or [1, N, C], one (H, W) per image; the pooled tokens of all images,
+        packed: [M, K*C] (or [1, M, K*C])."""
+        return fused_aggregate_varlen(hidden_states, self.dwconv.weight, self.dwconv.bias,
+                                      grids=grids, num_prefix_tokens=num_prefix_tokens,
+                                      layout=layout, residual=self.residual, pool=self.pool,
+                                      backend=self.backend)[0]
+
+    def forward_varlen(self, hidden_states: Sequence[torch.Tensor], grids,
+                       num_prefix_tokens=0, layout: str = "row_major") -> torch.Tensor:
+        """The projector over packed images of different grids: [M, llm_dim] (or
+        [1, M, llm_dim]), image i's ceil(H_i/2) * ceil(W_i/2) tokens after image i-1's."""
+        return self.mlp(self.aggregate_varlen(hidden_states, grids, num_prefix_tokens, layout))
 
     @staticmethod
     def num_output_tokens(height: int, width: Optional[int] = None) -> int:

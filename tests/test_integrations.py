@@ -297,17 +297,6 @@ def test_projector_follows_the_models_initialisation():
         assert mean in (0.0, 1.0), (name, mean)
 
 
-def test_pixtral_tower_is_refused_at_apply_time():
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, PixtralVisionConfig
-
-    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=2, image_size=56, patch_size=14)
-    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision,
-                                                      text_config=tiny_llava.text_config()))
-    with pytest.raises(ValueError, match="Pixtral vision tower.*variable grids"):
-        hf.apply_saep(model, layers=(-2,))
-
-
 def test_images_at_another_resolution_get_a_message_that_says_so(llava):
     model, processor = llava
     pixels = torch.randn(1, 3, 84, 84)  # the tower's config is 56x56: 6x6 patches, not 4x4

@@ -1,4 +1,6 @@
-"""SAEP in Hugging Face ``transformers`` LLaVA models (LLaVA and LLaVA-NeXT).
+"""SAEP in Hugging Face ``transformers`` models: LLaVA and LLaVA-NeXT (a fixed patch grid per
+image or crop), and the native-resolution models whose towers pack images of different sizes
+into one sequence: Mistral 3, LLaVA with a Pixtral tower, Qwen2-VL (``packed_towers``).
 
     from saep_kernels.integrations.transformers import apply_saep, adapt_processor
 
@@ -22,7 +24,18 @@ The same classes build an SAEP model from a config for training from scratch
 
 ``adapt_processor`` makes the processor insert as many image tokens as SAEP emits: the
 2x2-pooled grid (ceil mode), e.g. 24x24 -> 12x12 = 144 for CLIP-L/14-336, 27x27 -> 14x14 = 196
-for SigLIP-384, per crop for LLaVA-NeXT (see ``PooledPatchSize``).
+for SigLIP-384, per crop for LLaVA-NeXT (see ``PooledPatchSize``); for a LLaVA with a Pixtral
+tower, (H/2) x (W/2) per image (the processor's ``spatial_merge_size`` becomes 2).
+
+Native-resolution models (``packed_towers``): in Mistral 3 and a LLaVA with a Pixtral tower the
+SAEP projector replaces the multimodal projector (Mistral 3's RMSNorm, 2x2 patch merger and
+MLP) and takes the selected layers of the packed tokens; in Qwen2-VL it replaces the vision
+tower's ``PatchMerger`` (``model.visual.merger``) and ``layers`` index the tower's hidden
+states (0: the patch embeddings, i: block i's output). SAEP pools 2x2 as Mistral 3's and
+Qwen2-VL's mergers do, so their processors need no change; each frame of a video is its own
+grid. The SAEP classes: ``SAEPMistral3ForConditionalGeneration`` ("saep_mistral3"),
+``SAEPQwen2VLForConditionalGeneration`` ("saep_qwen2_vl"), their base models, and the SAEP LLaVA
+classes for LLaVA with a Pixtral tower.
 
 Needs transformers >= 5.0 (``LlavaModel.get_image_features`` returning a
 ``BaseModelOutputWithPooling``); the core package never imports transformers.
@@ -39,13 +52,16 @@ from typing import Sequence, Union
 import torch
 
 from ..modules import SAEPProjector
+from . import packed_towers
 from .llava import check_hidden_state_index
 
 try:
     import transformers
     from transformers import (LlavaConfig, LlavaForConditionalGeneration, LlavaModel,
                               LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextModel, LlavaNextProcessor, LlavaProcessor)
+                              LlavaNextModel, LlavaNextProcessor, LlavaProcessor,
+                              Mistral3Config, Mistral3ForConditionalGeneration, Mistral3Model,
+                              Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLModel)
     from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
                                                                     image_size_to_num_patches,
                                                                     unpad_image)
@@ -62,12 +78,40 @@ __all__ = ["apply_saep", "adapt_processor", "saep_config", "saep_image_tokens", 
            "SAEPLlavaConfig", "SAEPLlavaNextConfig",
            "SAEPLlavaForConditionalGeneration", "SAEPLlavaNextForConditionalGeneration",
            "SAEPLlavaModel", "SAEPLlavaNextModel", "SAEPLlavaProcessor",
-           "SAEPLlavaNextProcessor"]
+           "SAEPLlavaNextProcessor", "SAEPMistral3Config", "SAEPMistral3ForConditionalGeneration",
+           "SAEPMistral3Model", "SAEPQwen2VLConfig", "SAEPQwen2VLForConditionalGeneration",
+           "SAEPQwen2VLModel", "SAEPQwen2VLMerger"]
+
+SAEPQwen2VLMerger = packed_towers.SAEPQwen2VLMerger
 
 DEFAULT_LAYERS = (-2, -5, -8, -11)
 
 
 # ------------------------------------------------------------------------------ geometry
+
+
+def _family(config) -> str:
+    """Which model family a (stock or SAEP) config describes: "qwen2_vl", "mistral3",
+    "llava_next", "llava_pixtral" (LLaVA with a Pixtral tower) or "llava"."""
+    if isinstance(config, Qwen2VLConfig):
+        return "qwen2_vl"
+    if isinstance(config, Mistral3Config):
+        return "mistral3"
+    if isinstance(config, LlavaNextConfig):
+        return "llava_next"
+    if getattr(config.vision_config, "model_type", None) == "pixtral":
+        return "llava_pixtral"
+    return "llava"
+
+
+# families whose towers pack images of different grids into one sequence
+_PACKED = ("qwen2_vl", "mistral3", "llava_pixtral")
+
+
+def _hidden_states(config) -> int:
+    """Entries of the vision tower's hidden_states: the embeddings and each layer's output."""
+    v = config.vision_config
+    return (v.depth if _family(config) == "qwen2_vl" else v.num_hidden_layers) + 1
 
 
 def _patch_grid(config) -> int:
@@ -96,8 +140,9 @@ def saep_image_tokens(config) -> int:
 
 def saep_config(config, layers: Sequence[int] = DEFAULT_LAYERS, kernel_size: int = 3,
                 pool: str = "avg", residual: bool = True, backend: str = "auto"):
-    """A copy of a LLaVA / LLaVA-NeXT config describing its SAEP version (``config.saep`` and
-    the list-valued ``vision_feature_layer``); build the model with the SAEP classes."""
+    """A copy of a LLaVA / LLaVA-NeXT / Mistral 3 / Qwen2-VL config describing its SAEP version
+    (``config.saep``, and the list-valued ``vision_feature_layer`` where the model has one);
+    build the model with the SAEP classes."""
     config = _SAEP_CONFIGS.get(type(config), type(config)).from_dict(config.to_dict())
     _set_saep(config, _layer_list(layers), kernel_size, pool, residual, backend)
     return config
@@ -107,9 +152,11 @@ def _set_saep(config, layers, kernel_size, pool, residual, backend):
     layers = [int(i) for i in layers]
     if not layers:
         raise ValueError("layers must name at least one vision layer")
-    config.vision_feature_layer = layers
-    if hasattr(config, "image_seq_length"):  # image tokens per image (per crop for NeXT)
-        config.image_seq_length = saep_image_tokens(config)
+    family = _family(config)
+    if family != "qwen2_vl":  # Qwen2-VL has no vision_feature_layer: config.saep only
+        config.vision_feature_layer = layers
+    if family in ("llava", "llava_next") and hasattr(config, "image_seq_length"):
+        config.image_seq_length = saep_image_tokens(config)  # per image (per crop for NeXT)
     config.saep = dict(layers=layers, kernel_size=kernel_size, pool=pool, residual=residual,
                        backend=backend)
 
@@ -233,11 +280,23 @@ def _llava_next_image_features(self, pixel_values, image_sizes, vision_feature_l
 
 
 def _install(model) -> None:
-    """Swap the projector and the image-feature path of a LLaVA(-NeXT) model per
-    ``model.config.saep``."""
+    """Swap the projector (Qwen2-VL: the tower's patch merger) and the image-feature path of a
+    model per ``model.config.saep``."""
     config = model.config
     settings = config.saep
     inner = _inner(model)
+    family = _family(config)
+    if family == "qwen2_vl":
+        old = inner.visual.merger
+        ref = next(old.parameters(), None)
+        merger = packed_towers.qwen2_vl_merger(
+            inner.visual, settings["layers"], settings, llm_dim=config.vision_config.hidden_size,
+            device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+        if hasattr(model, "_init_weights"):
+            with torch.no_grad():
+                merger.apply(model._init_weights)
+        inner.visual.merger = merger
+        return
     old = inner.multi_modal_projector
     ref = next(old.parameters(), None)
     projector = SAEPProjector(
@@ -250,36 +309,41 @@ def _install(model) -> None:
             projector.apply(model._init_weights)
     inner.multi_modal_projector = projector
     inner.config.vision_feature_layer = list(settings["layers"])
-    impl = _llava_next_image_features if hasattr(inner, "image_newline") else _llava_image_features
+    impl = {"llava": _llava_image_features, "llava_next": _llava_next_image_features,
+            "llava_pixtral": packed_towers.pixtral_image_features,
+            "mistral3": packed_towers.pixtral_image_features}[family]
     inner.get_image_features = types.MethodType(impl, inner)
 
 
-_MODEL_CLASSES = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaModel,
-                  LlavaNextModel)
+_BASE_MODELS = (LlavaModel, LlavaNextModel, Mistral3Model, Qwen2VLModel)
+_MODEL_CLASSES = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+                  Mistral3ForConditionalGeneration, Qwen2VLForConditionalGeneration) + _BASE_MODELS
 
 
 def _check_model(model) -> None:
     if not isinstance(model, _MODEL_CLASSES):
-        raise TypeError("apply_saep takes a LlavaForConditionalGeneration, "
-                        "LlavaNextForConditionalGeneration, LlavaModel or LlavaNextModel, got "
+        raise TypeError("apply_saep takes a LLaVA, LLaVA-NeXT, Mistral 3 or Qwen2-VL model ("
+                        + ", ".join(c.__name__ for c in _MODEL_CLASSES) + f"), got "
                         f"{type(model).__name__}")
-    tower = getattr(model.config.vision_config, "model_type", None)
-    if tower == "pixtral":
-        raise ValueError("apply_saep: this LLaVA has a Pixtral vision tower, which takes each "
-                         "image at its own size (a different patch grid per image, no CLS "
-                         "token); SAEP here needs one fixed grid per model (variable grids are "
-                         "not supported yet)")
 
 
 def _inner(model):
-    """The LlavaModel / LlavaNextModel holding the tower and the projector."""
-    return model if isinstance(model, (LlavaModel, LlavaNextModel)) else model.model
+    """The base model (LlavaModel, ..., Qwen2VLModel) holding the tower and the projector."""
+    return model if isinstance(model, _BASE_MODELS) else model.model
+
+
+def _saep_module(model):
+    """The module SAEP replaces: the multimodal projector, or Qwen2-VL's patch merger."""
+    inner = _inner(model)
+    return inner.visual.merger if _family(model.config) == "qwen2_vl" \
+        else inner.multi_modal_projector
 
 
 def apply_saep(model, layers: Union[int, Sequence[int]] = DEFAULT_LAYERS, kernel_size: int = 3,
                pool: str = "avg", residual: bool = True, backend: str = "auto",
                processor=None):
-    """Turn a LLaVA / LLaVA-NeXT model into its SAEP version, in place, and return it.
+    """Turn a LLaVA / LLaVA-NeXT / Mistral 3 / Qwen2-VL model (or a LLaVA with a Pixtral tower)
+    into its SAEP version, in place, and return it.
 
     ``layers``: the vision layers to aggregate, an int or a sequence of ints (indices into the
     tower's ``hidden_states``, as ``vision_feature_layer``). The new projector is freshly
@@ -292,9 +356,9 @@ def apply_saep(model, layers: Union[int, Sequence[int]] = DEFAULT_LAYERS, kernel
     _check_model(model)
     layers = _layer_list(layers)
     for i in layers:
-        check_hidden_state_index("layers", i, model.config.vision_config.num_hidden_layers + 1)
+        check_hidden_state_index("layers", i, _hidden_states(model.config))
     current = getattr(model.config, "saep", None)
-    projector = _inner(model).multi_modal_projector
+    projector = _saep_module(model)
     keep = isinstance(projector, SAEPProjector) and current is not None
     if keep:
         wanted = dict(layers=layers, kernel_size=kernel_size, pool=pool, residual=residual)
@@ -374,11 +438,19 @@ def adapt_processor(processor, model_or_config):
     """Make a LLaVA(-NeXT) processor insert SAEP's number of image tokens (in place): 576 ->
     144 for CLIP-L/14-336, 27x27 -> 196 for SigLIP-384. The processor becomes an
     ``SAEPLlavaProcessor`` / ``SAEPLlavaNextProcessor``, which ``save_pretrained`` records, so
-    ``AutoProcessor.from_pretrained`` and pipelines load it back adapted."""
+    ``AutoProcessor.from_pretrained`` and pipelines load it back adapted. A LLaVA with a Pixtral
+    tower: the ``PixtralProcessor``'s ``spatial_merge_size`` becomes 2 (saved with it). Mistral 3
+    and Qwen2-VL processors are returned unchanged: they count 2x2-merged tokens already."""
     config = getattr(model_or_config, "config", model_or_config)
     if getattr(config, "saep", None) is None:
         raise ValueError("the model has no SAEP projector: call apply_saep first (or build it "
                          "from saep_config)")
+    family = _family(config)
+    if family == "llava_pixtral":  # (H/2) x (W/2) tokens per image, images in steps of 2 patches
+        processor.spatial_merge_size = 2
+        return processor
+    if family in _PACKED:  # Mistral 3 and Qwen2-VL processors already count 2x2-merged tokens
+        return processor
     patch = int(getattr(processor, "patch_size", None) or config.vision_config.patch_size)
     processor.patch_size = PooledPatchSize(patch)
     saep = _SAEP_PROCESSORS.get(type(processor))
@@ -440,10 +512,51 @@ class SAEPLlavaNextModel(_SAEPFromConfig, LlavaNextModel):
     config_class = SAEPLlavaNextConfig
 
 
+class SAEPMistral3Config(Mistral3Config):
+    """Mistral3Config of an SAEP model (``model_type`` "saep_mistral3")."""
+
+    model_type = "saep_mistral3"
+
+
+class SAEPQwen2VLConfig(Qwen2VLConfig):
+    """Qwen2VLConfig of an SAEP model (``model_type`` "saep_qwen2_vl")."""
+
+    model_type = "saep_qwen2_vl"
+
+
+class SAEPMistral3ForConditionalGeneration(_SAEPFromConfig, Mistral3ForConditionalGeneration):
+    """Mistral 3 with an SAEP projector in place of its patch merger and MLP (each image on its
+    own grid)."""
+
+    config_class = SAEPMistral3Config
+
+
+class SAEPMistral3Model(_SAEPFromConfig, Mistral3Model):
+    """The base Mistral3Model with an SAEP projector (``AutoModel``)."""
+
+    config_class = SAEPMistral3Config
+
+
+class SAEPQwen2VLForConditionalGeneration(_SAEPFromConfig, Qwen2VLForConditionalGeneration):
+    """Qwen2-VL with an SAEP merger in its vision tower (``SAEPQwen2VLMerger``)."""
+
+    config_class = SAEPQwen2VLConfig
+
+
+class SAEPQwen2VLModel(_SAEPFromConfig, Qwen2VLModel):
+    """The base Qwen2VLModel with an SAEP merger (``AutoModel``)."""
+
+    config_class = SAEPQwen2VLConfig
+
+
 # the stock class of a model -> its SAEP class (apply_saep re-labels the model with it)
 _SAEP_CLASSES = {LlavaForConditionalGeneration: SAEPLlavaForConditionalGeneration,
                  LlavaNextForConditionalGeneration: SAEPLlavaNextForConditionalGeneration,
-                 LlavaModel: SAEPLlavaModel, LlavaNextModel: SAEPLlavaNextModel}
+                 LlavaModel: SAEPLlavaModel, LlavaNextModel: SAEPLlavaNextModel,
+                 Mistral3ForConditionalGeneration: SAEPMistral3ForConditionalGeneration,
+                 Mistral3Model: SAEPMistral3Model,
+                 Qwen2VLForConditionalGeneration: SAEPQwen2VLForConditionalGeneration,
+                 Qwen2VLModel: SAEPQwen2VLModel}
 _SAEP_CONFIGS = {stock.config_class: saep.config_class for stock, saep in _SAEP_CLASSES.items()}
 
 
@@ -462,11 +575,14 @@ def _register_auto_classes() -> None:
 
     for cls, base, processor in (
             (SAEPLlavaForConditionalGeneration, SAEPLlavaModel, SAEPLlavaProcessor),
-            (SAEPLlavaNextForConditionalGeneration, SAEPLlavaNextModel, SAEPLlavaNextProcessor)):
+            (SAEPLlavaNextForConditionalGeneration, SAEPLlavaNextModel, SAEPLlavaNextProcessor),
+            (SAEPMistral3ForConditionalGeneration, SAEPMistral3Model, None),
+            (SAEPQwen2VLForConditionalGeneration, SAEPQwen2VLModel, None)):
         AutoConfig.register(cls.config_class.model_type, cls.config_class, exist_ok=True)
         AutoModelForImageTextToText.register(cls.config_class, cls, exist_ok=True)
         AutoModel.register(cls.config_class, base, exist_ok=True)
-        AutoProcessor.register(cls.config_class, processor, exist_ok=True)
+        if processor is not None:  # the others keep their stock processors
+            AutoProcessor.register(cls.config_class, processor, exist_ok=True)
 
 
 def _share_checkpoint_layout() -> None:
@@ -478,7 +594,9 @@ def _share_checkpoint_layout() -> None:
     except ImportError:  # a transformers without conversion mappings renames nothing
         return
     for cls, model_type in ((SAEPLlavaForConditionalGeneration, "llava"),
-                            (SAEPLlavaNextForConditionalGeneration, "llava_next")):
+                            (SAEPLlavaNextForConditionalGeneration, "llava_next"),
+                            (SAEPMistral3ForConditionalGeneration, "mistral3"),
+                            (SAEPQwen2VLForConditionalGeneration, "qwen2_vl")):
         mapping = get_checkpoint_conversion_mapping(model_type)
         if mapping is not None:
             for name in (cls.__name__, cls.config_class.model_type):
