@@ -8,7 +8,9 @@ tables, write JSON, CSV and PNG plots.
 Parts: ``op`` (the fused op, each backend vs plain PyTorch eager and torch.compile, and the
 reference),
 ``projectors`` (SAEP vs the projectors users pick today), ``sweep`` (forward latency vs
-input tokens), ``llm`` (Llama decoder layers over each projector's tokens).
+input tokens), ``llm`` (Llama decoder layers over each projector's tokens), ``varlen`` (images
+of different sizes in one batch: ``fused_aggregate_varlen`` vs padding to the largest grid vs
+a per-image loop).
 """
 
 from __future__ import annotations
@@ -21,19 +23,25 @@ import torch
 
 from . import projectors as P
 from saep_kernels.configs import REFERENCE_BATCHES, Config
-from saep_kernels.configs import REFERENCE_CONFIGS as CONFIGS
+from saep_kernels.configs import IMAGE_MIXES, REFERENCE_CONFIGS as CONFIGS
 from .harness import copy_bandwidth, format_table, metadata, time_interleaved, write_results
 from .llm import DEFAULT_LLM, LLMConfig, llm_forward, transformers_available
 from .op_bench import BASELINES, DTYPES, available_impls, bench_problem, op_bytes
-from .plots import plot_bandwidth_fraction, plot_op_latency, plot_projectors, plot_sweep
+from .plots import (plot_bandwidth_fraction, plot_op_latency, plot_projectors, plot_sweep,
+                    plot_varlen)
 from .projector_bench import bench_projectors, bench_sweep
+from .varlen_bench import bench_varlen, speedups, varlen_bytes
 
-PARTS = ("op", "projectors", "sweep", "llm")
+PARTS = ("op", "projectors", "sweep", "llm", "varlen")
 OP_TABLE = ["backend", "config", "batch", "dtype", "fwd_ms", "fwd_bwd_ms", "frozen_fwd_bwd_ms",
             "gbps", "bw_fraction", "fwd_bwd_bw_fraction", "peak_mem_mb"]
+VARLEN_TABLE = ["backend", "config", "batch", "dtype", "in_tokens", "fwd_ms", "fwd_bwd_ms",
+                "bw_fraction", "peak_mem_mb"]
 PROJ_TABLE = ["name", "config", "batch", "dtype", "params", "out_tokens", "fwd_ms", "fwd_bwd_ms",
               "peak_mem_mb", "llm_ms", "note"]
 QUICK = Config("quick", "tiny", 8, 8, 32, 1, 2, 128)
+QUICK_MIX = IMAGE_MIXES["pixtral-mix8"].__class__(
+    "quick-mix", "tiny", 32, 2, ((4, 6), (8, 4), (2, 2)), "3 tiny images")
 
 
 def defaults(device: torch.device):
@@ -69,6 +77,8 @@ def parse_args(argv):
     p.add_argument("--projector-batch", type=int)
     p.add_argument("--projector-dtype", choices=list(DTYPES))
     p.add_argument("--sweep-grids", nargs="+", type=int, help="sweep: grid sides")
+    p.add_argument("--mixes", nargs="+", choices=list(IMAGE_MIXES),
+                   help="varlen: image mixes (saep_kernels.configs.IMAGE_MIXES)")
     p.add_argument("--pool", default="avg", choices=["avg", "max"], help="op: pool mode")
     p.add_argument("--compile-mode", default="auto",
                    help="torch.compile mode of the compiled baselines (auto: "
@@ -153,6 +163,9 @@ def main(argv=None) -> int:
         batches, dtypes, proj_batch, proj_dtype = [2], ["fp32"], 2, "fp32"
         sweep_grids, llm_cfg = [4, 8], LLMConfig(dim=128, layers=1, text_tokens=8)
         rounds, min_run_time, reps = 1, 0.01, 10
+    mixes = [IMAGE_MIXES[m] for m in (args.mixes or list(IMAGE_MIXES))]
+    if args.quick:
+        mixes = [QUICK_MIX]
     parts = list(args.parts)
     if "llm" in parts and not transformers_available():
         print("llm part skipped: transformers is not installed (pip install transformers)",
@@ -166,15 +179,18 @@ def main(argv=None) -> int:
     rows = []
     steps = (len(op_configs) * len(batches) * len(dtypes) if "op" in parts else 0) + \
         (len(proj_configs) if "projectors" in parts else 0) + (1 if "sweep" in parts else 0) + \
-        (1 if "llm" in parts else 0)
+        (1 if "llm" in parts else 0) + (len(mixes) * len(dtypes) if "varlen" in parts else 0)
     progress = Progress(steps)
 
-    if "op" in parts:
-        biggest = max(op_bytes(c, b * c.crops, DTYPES[dt])[0]
-                      for c in op_configs for b in batches for dt in dtypes)
-        copy_bps = copy_bandwidth(biggest // 2, device, min_run_time=min_run_time)
+    if "op" in parts or "varlen" in parts:
+        sizes = [op_bytes(c, b * c.crops, DTYPES[dt])[0]
+                 for c in op_configs for b in batches for dt in dtypes if "op" in parts]
+        sizes += [varlen_bytes(m, DTYPES[dt])[0] for m in mixes for dt in dtypes
+                  if "varlen" in parts]
+        copy_bps = copy_bandwidth(max(sizes) // 2, device, min_run_time=min_run_time)
         meta["copy_bandwidth_gbps"] = copy_bps / 1e9
         print(f"device copy bandwidth (same run): {copy_bps / 1e9:.1f} GB/s")
+    if "op" in parts:
         for cfg in op_configs:
             for batch in batches:
                 for dt in dtypes:
@@ -184,6 +200,17 @@ def main(argv=None) -> int:
                                           not args.no_backward, rounds, min_run_time, reps,
                                           progress.detail, compile_mode)
                     progress.done()
+
+    if "varlen" in parts:
+        meta["image_mixes"] = {m.name: dict(grids=[list(g) for g in m.grids], channels=m.channels,
+                                            layers=m.layers, description=m.description)
+                               for m in mixes}
+        for mix in mixes:
+            for dt in dtypes:
+                progress.step(f"varlen {mix.name} {dt}")
+                rows += bench_varlen(mix, dt, device, copy_bps, args.pool, not args.no_backward,
+                                     rounds, min_run_time, reps, progress.detail)
+                progress.done()
 
     if "projectors" in parts:
         for cfg in proj_configs:
@@ -223,9 +250,18 @@ def main(argv=None) -> int:
     op_rows = [r for r in rows if r.kind == "op"]
     proj_rows = [r for r in rows if r.kind == "projector"]
     sweep_rows = [r for r in rows if r.kind == "sweep"]
+    varlen_rows = [r for r in rows if r.kind == "varlen"]
     if op_rows:
         print("\nfused_aggregate (ms, median; bw_fraction = achieved bytes/s / device copy)")
         print(format_table(op_rows, OP_TABLE))
+    if varlen_rows:
+        print("\nimages of different sizes in one batch (ms, median): fused_aggregate_varlen vs "
+              "a per-image loop vs padding to the largest grid")
+        for mix in mixes:
+            print(f"  {mix.name}: {mix.description}")
+        print(format_table(varlen_rows, VARLEN_TABLE))
+        for line in speedups(varlen_rows):
+            print("  " + line)
     if proj_rows:
         print(f"\nprojectors (ms, median; llm_ms = {meta.get('llm', 'not run')})")
         print(format_table(proj_rows, PROJ_TABLE))
@@ -249,6 +285,10 @@ def main(argv=None) -> int:
             op_rows, args.out / f"{stem}_op_latency.png", f"fused_aggregate on {where}")
         paths["op_bandwidth_png"] = plot_bandwidth_fraction(
             op_rows, args.out / f"{stem}_op_bandwidth.png", f"fused_aggregate on {where}")
+    if varlen_rows:
+        paths["varlen_png"] = plot_varlen(
+            varlen_rows, args.out / f"{stem}_varlen.png",
+            f"images of different sizes in one batch, on {where}")
     if proj_rows:
         cfg = proj_rows[0]
         paths["projectors_png"] = plot_projectors(

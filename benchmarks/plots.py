@@ -108,3 +108,33 @@ def plot_sweep(rows: List[Row], path: Path, title: str) -> Path:
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
     return _save(fig, path)
+
+
+def plot_varlen(rows: List[Row], path: Path, title: str) -> Path:
+    """Per mix and dtype: forward and forward+backward latency (left) and peak memory (right)
+    of the packed op, the per-image loop and padding to the largest grid."""
+    groups: Dict[str, List[Row]] = {}
+    for r in rows:
+        groups.setdefault(f"{r.config} ({r.batch} images), {r.dtype}", []).append(r)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.8 * len(groups)), squeeze=False)
+    for (ax_t, ax_m), (label, rs) in zip(axes, groups.items()):
+        x = list(range(len(rs)))
+        fwd = [r.fwd_ms or 0 for r in rs]
+        fb = [r.fwd_bwd_ms or 0 for r in rs]
+        ax_t.bar([i - 0.2 for i in x], fwd, width=0.4, label="forward")
+        ax_t.bar([i + 0.2 for i in x], fb, width=0.4, label="forward+backward")
+        for i, (f, g) in enumerate(zip(fwd, fb)):
+            ax_t.annotate(f"{f:.3g}", (i - 0.2, f), ha="center", va="bottom", fontsize=8)
+            ax_t.annotate(f"{g:.3g}", (i + 0.2, g), ha="center", va="bottom", fontsize=8)
+        ax_t.set_ylabel("ms (median, lower is better)")
+        ax_t.legend(fontsize=8)
+        mem = [r.peak_mem_mb or 0 for r in rs]
+        ax_m.bar(x, mem, color="tab:green")
+        for i, m in enumerate(mem):
+            ax_m.annotate(f"{m:.3g}", (i, m), ha="center", va="bottom", fontsize=8)
+        ax_m.set_ylabel("peak memory, MiB (fwd+bwd)")
+        for ax in (ax_t, ax_m):
+            ax.set_xticks(x, [r.backend for r in rs], fontsize=8)
+            ax.set_title(label, fontsize=10)
+    fig.suptitle(title, fontsize=11)
+    return _save(fig, path)

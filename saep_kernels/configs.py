@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .spec import num_output_tokens
 
-__all__ = ["Config", "REFERENCE_CONFIGS", "REFERENCE_BATCHES"]
+__all__ = ["Config", "REFERENCE_CONFIGS", "REFERENCE_BATCHES", "ImageMix", "IMAGE_MIXES"]
 
 
 @dataclass(frozen=True)
@@ -49,3 +49,38 @@ REFERENCE_CONFIGS = {
 
 # Images per batch the configurations are measured at (bf16 first, then fp16 and fp32).
 REFERENCE_BATCHES = (1, 8, 32)
+
+
+@dataclass(frozen=True)
+class ImageMix:
+    """Images of different sizes in one batch, as a native-resolution tower packs them
+    (``fused_aggregate_varlen``): one patch grid (H, W) per image."""
+
+    name: str
+    tower: str
+    channels: int  # C of each layer
+    layers: int  # K
+    grids: tuple  # ((H, W), ...)
+    description: str
+
+    @property
+    def tokens(self) -> int:
+        return sum(h * w for h, w in self.grids)
+
+    @property
+    def out_tokens(self) -> int:
+        return sum(num_output_tokens(h, w) for h, w in self.grids)
+
+
+IMAGE_MIXES = {
+    m.name: m
+    for m in [
+        # Pixtral-12B's tower: 16-pixel patches, C=1024; its processor sizes every image in
+        # steps of 32 pixels (2x2-merged tokens), so the grids are even.
+        ImageMix("pixtral-mix8", "Pixtral ViT (16 px patches)", 1024, 4,
+                 ((32, 24), (24, 32), (32, 32), (18, 32), (32, 18), (16, 16), (22, 32), (12, 20)),
+                 "8 images, longest edge <= 512 px: 4:3 and 3:4 photos, a square, 16:9 and 9:16 "
+                 "frames, a 256 px icon, a 3:2 photo, a 192x320 crop (4912 patches; the largest "
+                 "grid is 32x32, so padding every image to it makes 8192)"),
+    ]
+}
