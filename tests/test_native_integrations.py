@@ -237,3 +237,22 @@ def test_mistral3_without_image_sizes_is_a_clear_error():
     inputs = batch("mistral3", processor)
     with pytest.raises(ValueError, match="image_sizes is required"):
         model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=None)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_gradient_checkpointing_gives_the_same_gradients(name):
+    """With the tower's blocks checkpointed (recomputed in the backward), SAEP's gradients are
+    those of the plain run, and nothing is kept from the recompute."""
+    grads = []
+    for checkpointing in (False, True):
+        model, processor = build(name)
+        model.train()
+        if checkpointing:
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+        inputs = batch(name, processor)
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        module = hf._saep_module(model)
+        grads.append([p.grad.clone() for p in module.parameters()])
+        assert not getattr(module, "_kept", {})
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -114,6 +114,8 @@ class SAEPQwen2VLMerger(SAEPProjector):
         self._grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
 
     def _keep(self, index: int, hidden: Tensor) -> None:
+        if self._grid_thw is None:  # not inside a tower call (a checkpointed block's recompute)
+            return
         self._kept[index] = hidden[0] if isinstance(hidden, (tuple, list)) else hidden
 
     def forward(self, last_hidden_state: Tensor) -> Tensor:  # type: ignore[override]
