@@ -37,7 +37,8 @@ int main() {
       },
       [](const BwdParams& p) {
         if (cuda::dispatch(p, cuda::bwd_vector_ok(p), EmulatedLaunch{}) != 0) std::abort();
-      }};
+      },
+      /*packed=*/false};  // the CUDA kernels do not take packed inputs yet
   const int rc = test::run_all(be);
   std::printf("launches: %d with 16-byte vectors, %d with one channel per thread\n",
               vector_launches, scalar_launches);
