@@ -54,7 +54,8 @@ TORCH_LIBRARY(saep_C, m) {
       "Tensor? argmax, Tensor(a!)[] grad_hidden_states, Tensor(b!)? weight_grad_parts, "
       "Tensor(c!)? bias_grad_parts, int height, int width, int num_prefix_tokens, "
       "bool residual, str pool) -> ()");
-  // packed images of different grids (saep_kernels.fused_aggregate_varlen); CPU kernels only
+  // packed images of different grids (saep_kernels.fused_aggregate_varlen); the image table
+  // is a host tensor for every device
   m.def(
       "fused_aggregate_varlen_fwd(Tensor[] hidden_states, Tensor weight, Tensor? bias, "
       "Tensor images, Tensor(a!) out, Tensor(b!)? argmax, bool residual, str pool) -> ()");

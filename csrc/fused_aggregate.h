@@ -73,8 +73,9 @@ struct FwdParams {
   void* out;           // [B, Ho*Wo, K*C] contiguous, input dtype
   uint8_t* argmax;     // [B, Ho*Wo, K*C] window position 0..3 of each max, or nullptr
   const int64_t* images;  // nullptr: g.batch images of the grid g.height x g.width; else
-                          // packed inputs, [g.batch][kImageFields] (g.height, g.width and
-                          // g.prefix unused)
+                          // packed inputs, [g.batch][kImageFields] where the kernels run
+                          // (host memory for the CPU kernels, device memory for the CUDA
+                          // kernels; g.height, g.width and g.prefix unused)
 };
 
 struct BwdParams {

@@ -11,9 +11,9 @@ One kernel launch per direction covers all images: the kernels take a table with
 image (``image_table``: height, width, first token, first output token), built on the host
 from the grids the caller passes, so the op itself never synchronises with the device. The
 ``reference`` backend loops over images with ``fused_aggregate_reference`` (the oracle); the
-``cpu`` backend runs the packed kernels; the Triton and CUDA kernels do not take packed grids
-yet (naming them raises ``BackendUnavailable`` saying so; ``backend="auto"`` on CUDA tensors
-falls back to the reference).
+``cpu`` and ``cuda`` backends run the packed kernels; the Triton kernels do not take packed
+grids yet (naming them raises ``BackendUnavailable`` saying so; ``backend="auto"`` on CUDA
+tensors takes the CUDA kernels where the extension has them, else the reference).
 
 Token layouts: ``"row_major"`` (token ``i*W + j`` of an image is row i, column j: Pixtral,
 CLIP, SigLIP) and ``"merge_2x2"`` (Qwen2-VL's processor order: the four tokens of each 2x2
@@ -341,8 +341,8 @@ def fused_aggregate_varlen(
         num_prefix_tokens: tokens before each image's grid: one int for all images, or one per
             image.
         layout: ``"row_major"`` or ``"merge_2x2"`` (Qwen2-VL's order, even grids).
-        backend: ``"auto"``, ``"reference"`` or ``"cpu"`` (the Triton and CUDA kernels do not
-            take packed grids yet).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"cuda"`` (the Triton kernels do
+            not take packed grids yet).
 
     Returns:
         (out, out_offsets): the pooled tokens of all images, [sum_i ceil(H_i/2)*ceil(W_i/2),

@@ -41,8 +41,12 @@ SAEP_FORCE_CUDA=1 SAEP_REQUIRE_EXTENSION=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JO
 import saep_kernels, saep_kernels._C as C
 assert C.HAS_CPU and C.HAS_CUDA, "the extension was built without its CUDA kernels"
 import torch
-ops = [torch.ops.saep_C.fused_aggregate_fwd, torch.ops.saep_C.fused_aggregate_bwd]
-print("built:", C.__file__, "with CUDA kernels; ops:", [str(op) for op in ops])
+ops = ["fused_aggregate_fwd", "fused_aggregate_bwd", "fused_aggregate_varlen_fwd",
+       "fused_aggregate_varlen_bwd"]
+for op in ops:
+    for key in ("CPU", "CUDA"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"saep_C::{op}", key), (op, key)
+print("built:", C.__file__, "with CUDA kernels; ops with CPU and CUDA kernels:", ops)
 EOF
 echo "== CPU tests against this build"
 "$PY" -m pytest -q -p no:cacheprovider tests "$@"

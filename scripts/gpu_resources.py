@@ -257,7 +257,8 @@ CUDA_THREADS = 128
 
 def compile_cuda(direction: str, arch: int) -> List[tuple]:
     """nvcc one direction's kernels for sm_<arch>: [(Variant, Resources)] for every kernel
-    instance (dtype, vector width, kernel size; the pool mode is a runtime branch)."""
+    instance (dtype, vector width, kernel size, fixed grid or packed inputs; the pool mode is a
+    runtime branch)."""
     tools = _tools()
     if not tools["nvcc"]:
         return [(Variant("cuda", direction, "any", 0, "-", arch), Resources(error="nvcc not found"))]
@@ -283,14 +284,17 @@ def compile_cuda(direction: str, arch: int) -> List[tuple]:
         for name, spill in spills.items():
             demangled = subprocess.run(["c++filt", name], capture_output=True,
                                        text=True).stdout.strip()
-            m = re.search(r"fused_aggregate_(\w+)_kernel<([\w:]+), (\d+), (\d+)>", demangled)
+            m = re.search(r"fused_aggregate_(\w+)_kernel<([\w:]+), (\d+), (\d+), (true|false)>",
+                          demangled)
             kernel, dtype = m.group(1), CUDA_TYPES[m.group(2)]
             vec, ksize = int(m.group(3)), int(m.group(4))
+            packed = ", packed" if m.group(5) == "true" else ""  # packed inputs (varlen)
             res = cubin_resources(cubin, name, tools["cuobjdump"])
             res.spill_bytes = spill
             res.threads = CUDA_THREADS
             res.occupancy = occupancy(res.registers, res.threads, 0, arch)
-            rows.append((Variant("cuda", kernel, "any", ksize, dtype, arch, f"vec={vec}"), res))
+            rows.append((Variant("cuda", kernel, "any", ksize, dtype, arch, f"vec={vec}{packed}"),
+                         res))
     return rows
 
 
@@ -311,7 +315,7 @@ def checks(rows: List[tuple]) -> List[str]:
         if v.kernel == "fwd" and v.default and r.occupancy < MIN_FWD_OCCUPANCY:
             failed.append(f"{name}: {r.registers} registers, occupancy {r.occupancy:.0%} < "
                           f"{MIN_FWD_OCCUPANCY:.0%}")
-        vectors = v.backend == "triton" or v.tile != "vec=1"
+        vectors = v.backend == "triton" or v.tile.split(",")[0] != "vec=1"
         if vectors and v.ksize > 1 and r.ld128 == 0:
             failed.append(f"{name}: no 16-byte global loads")
         if vectors and v.kernel in ("fwd", "bwd_input") and r.st128 == 0:

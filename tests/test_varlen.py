@@ -17,6 +17,11 @@ VARLEN_BACKENDS = [b for b in ("reference", "cpu") if b in available_backends("c
 if "cpu" not in VARLEN_BACKENDS:
     pytest.fail("the cpu backend is expected here (tests/test_backends.py says why not)",
                 pytrace=False)
+# the compiled kernels that take packed grids, each on its own device (cuda: on a GPU with the
+# extension's CUDA kernels)
+KERNEL_BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available() or "cuda" not in available_backends("cuda"),
+    reason="needs a GPU and saep_kernels._C built with its CUDA kernels"))]
 
 MIXES = {
     "single": [(5, 7)],
@@ -97,18 +102,21 @@ def test_matches_per_image_reference(mix, layout, pool, backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("ksize", [1, 3, 5, 7])
 @pytest.mark.parametrize("pool", ["avg", "max"])
-def test_cpu_matches_reference_backend(dtype, ksize, pool):
-    grids, prefixes = MIXES["odd-nonsquare"], [1, 0, 2, 0, 1]
-    packed, _ = make_packed(grids, prefixes, 5, 3, dtype=dtype)
-    w, b = make_params(3, 5, ksize, requires_grad=True)
+@pytest.mark.parametrize("kernels", KERNEL_BACKENDS)
+def test_kernels_match_reference_backend(kernels, dtype, ksize, pool):
+    # a grid of several CUDA tiles both ways next to grids smaller than one
+    grids, prefixes = MIXES["odd-nonsquare"] + [(13, 17)], [1, 0, 2, 0, 1, 0]
+    packed, _ = make_packed(grids, prefixes, 8, 3, dtype=dtype)
+    packed = [x.to(kernels) for x in packed]
+    w, b = make_params(3, 8, ksize, device=kernels, requires_grad=True)
     results = {}
-    for backend in ("reference", "cpu"):
+    for backend in ("reference", kernels):
         xs = [x.detach().clone().requires_grad_() for x in packed]
         out, _ = fused_aggregate_varlen(xs, w, b, grids=grids, num_prefix_tokens=prefixes,
                                         pool=pool, backend=backend)
-        gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
         results[backend] = (out, torch.autograd.grad(out, xs + [w, b], gy))
-    (ref, ref_grads), (got, got_grads) = results["reference"], results["cpu"]
+    (ref, ref_grads), (got, got_grads) = results["reference"], results[kernels]
     assert_forward_close(got, ref)
     for i, (g, r) in enumerate(zip(got_grads, ref_grads)):
         assert_grad_close(g, r, f"grad {i}", reduction=i >= len(packed))
@@ -164,20 +172,23 @@ def test_no_tap_crosses_an_image(backend, pool, image):
 
 @pytest.mark.parametrize("pool", ["avg", "max"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fixed_grid_batch_bitwise_equal(pool, dtype):
+@pytest.mark.parametrize("grid", [(5, 6), (13, 17)])
+@pytest.mark.parametrize("kernels", KERNEL_BACKENDS)
+def test_fixed_grid_batch_bitwise_equal(kernels, grid, pool, dtype):
     """A batch of one grid gives bitwise the same output and gradients through either op."""
-    batch, height, width, prefix = 3, 5, 6, 1
-    layers = [torch.randn(batch, prefix + height * width, 8).to(dtype) for _ in range(2)]
-    w, b = make_params(2, 8, 3, requires_grad=True)
+    (height, width), batch, prefix = grid, 3, 1
+    layers = [torch.randn(batch, prefix + height * width, 8).to(kernels, dtype)
+              for _ in range(2)]
+    w, b = make_params(2, 8, 3, device=kernels, requires_grad=True)
     fixed_xs = [x.clone().requires_grad_() for x in layers]
     fixed = fused_aggregate(fixed_xs, w, b, grid=(height, width), num_prefix_tokens=prefix,
-                            pool=pool, backend="cpu")
+                            pool=pool, backend=kernels)
     packed_xs = [x.reshape(1, -1, 8).clone().requires_grad_() for x in layers]
     packed, _ = fused_aggregate_varlen(packed_xs, w, b, grids=[(height, width)] * batch,
-                                       num_prefix_tokens=prefix, pool=pool, backend="cpu")
+                                       num_prefix_tokens=prefix, pool=pool, backend=kernels)
     assert packed.shape == (1, batch * fixed.shape[1], fixed.shape[2])
     assert torch.equal(packed.reshape(fixed.shape), fixed)
-    gy = torch.randn(fixed.shape).to(dtype)
+    gy = torch.randn(fixed.shape).to(fixed)
     g_fixed = torch.autograd.grad(fixed, fixed_xs + [w, b], gy)
     g_packed = torch.autograd.grad(packed, packed_xs + [w, b], gy.reshape(packed.shape))
     for gf, gp in zip(g_fixed, g_packed):

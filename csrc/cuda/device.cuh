@@ -118,25 +118,92 @@ __device__ __forceinline__ void store_vec(T* dst, const Vec<T, VEC>& v) {
 
 // ------------------------------------------------------------------------------- the block
 
+// The image a block works on: its grid, and where its tokens and outputs are. A fixed-grid
+// call's image b is batch row b of every tensor; a packed call's (FwdParams::images) is in
+// batch row 0, at the tokens and output tokens of its row of the image table.
+struct Image {
+  Geometry g;      // the call's, with the image's grid (height, width; prefix 0 when packed)
+  int64_t b;       // the image: its row of the weight and bias partial sums
+  int64_t batch;   // its batch row of the layers, outputs and gradients
+  int64_t token;   // the token of its pixel (0, 0) in that row
+  int64_t window;  // the output token of its window (0, 0) in that row
+  // Flat token indices into the contiguous buffers: output token w of the image in out and
+  // argmax ([B, windows, K*C]), the token of its pixel `pixel` in grad_x ([B, T, C]).
+  SAEP_HD int64_t out_token(int64_t w) const { return batch * g.windows() + window + w; }
+  SAEP_HD int64_t grid_token(int64_t pixel) const { return batch * g.tokens() + token + pixel; }
+};
+
+// Image b of the call. PACKED (a template parameter of the kernels, so that the fixed-grid
+// kernels keep the call's grid in kernel parameters, not in registers): from `images`.
+template <bool PACKED>
+__device__ __forceinline__ Image image_at(const Geometry& g, const int64_t* images, int64_t b) {
+  Image im{g, b, b, g.prefix, 0};
+  if constexpr (PACKED) {
+    const int64_t* row = images + b * kImageFields;
+    im.g.height = row[kImageHeight];
+    im.g.width = row[kImageWidth];
+    im.g.prefix = 0;
+    im.batch = 0;
+    im.token = row[kImageFirstToken];
+    im.window = row[kImageFirstWindow];
+  }
+  return im;
+}
+
 // The coordinates of a tile of windows: its image, first window, layer and first channel.
 struct BlockPos {
-  int64_t b, oi0, oj0;
+  Image img;
+  int64_t oi0, oj0;
   int layer;
   int64_t c0;  // first channel of the block within the layer
 };
 
-// Tile `index` = image * tiles + tile of the image (blockIdx.x for the kernels with a block
-// per tile); the layer and channel chunk from blockIdx.z and blockIdx.y.
-__device__ __forceinline__ BlockPos block_pos(const Tiling& t, int64_t index) {
+// Tile `tile` of image `im` (its tiles row-major, tiles_w a row); the layer and channel chunk
+// from blockIdx.z and blockIdx.y.
+__device__ __forceinline__ BlockPos tile_of_image(const Image& im, const Tiling& t, int64_t tile,
+                                                  int64_t tiles_w) {
   BlockPos bp;
-  const int64_t tiles = t.tiles_h * t.tiles_w;
-  bp.b = index / tiles;
-  const int64_t tile = index % tiles;
-  bp.oi0 = (tile / t.tiles_w) * t.th;
-  bp.oj0 = (tile % t.tiles_w) * t.tw;
+  bp.img = im;
+  bp.oi0 = (tile / tiles_w) * t.th;
+  bp.oj0 = (tile % tiles_w) * t.tw;
   bp.layer = int(blockIdx.z);
   bp.c0 = int64_t(blockIdx.y) * t.cv * t.vec;
   return bp;
+}
+
+// The tiles of image `im` in a row and in all (fixed grid: the plan's; packed: of its grid).
+template <bool PACKED>
+__device__ __forceinline__ int64_t image_tiles_w(const Image& im, const Tiling& t) {
+  return PACKED ? (im.g.out_width() + t.tw - 1) / t.tw : t.tiles_w;
+}
+template <bool PACKED>
+__device__ __forceinline__ int64_t image_tiles(const Image& im, const Tiling& t) {
+  return PACKED ? ((im.g.out_height() + t.th - 1) / t.th) * image_tiles_w<PACKED>(im, t)
+                : t.tiles_h * t.tiles_w;
+}
+
+// Tile `index` of all images' tiles one after the other (blockIdx.x for the kernels with a
+// block per tile). Fixed grid: image index / tiles. Packed: the image whose tiles
+// [first_tile[b], first_tile[b + 1]) hold it, by binary search over the n + 1 values (every
+// image has a tile; the same loads for all threads of the block, from cache after the first
+// blocks). The layer and channel chunk from blockIdx.z and blockIdx.y.
+template <bool PACKED>
+__device__ __forceinline__ BlockPos tile_pos(const Geometry& g, const int64_t* images,
+                                             const Tiling& t, int64_t index) {
+  if constexpr (!PACKED) {
+    const int64_t tiles = t.tiles_h * t.tiles_w;
+    return tile_of_image(image_at<false>(g, images, index / tiles), t, index % tiles, t.tiles_w);
+  }
+  int64_t lo = 0, hi = g.batch - 1;  // first_tile[lo] <= index < first_tile[hi + 1]
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (t.first_tile[mid] <= index)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  const Image im = image_at<true>(g, images, lo);
+  return tile_of_image(im, t, index - t.first_tile[lo], image_tiles_w<true>(im, t));
 }
 
 // The window a thread computes, for one channel vector: thread = window * t.cv + vector.
@@ -146,8 +213,9 @@ struct ThreadWindow {
   bool active;         // a window of the grid, channels below the last
 };
 
-__device__ __forceinline__ ThreadWindow thread_window(const Geometry& g, const Tiling& t,
-                                                      const BlockPos& bp, int vec) {
+__device__ __forceinline__ ThreadWindow thread_window(const Tiling& t, const BlockPos& bp,
+                                                      int vec) {
+  const Geometry& g = bp.img.g;
   ThreadWindow w;
   w.cv = int(threadIdx.x) % t.cv;
   const int win = int(threadIdx.x) / t.cv;
@@ -177,26 +245,27 @@ struct Block {
 
 template <typename T, int VEC>
 __device__ __forceinline__ Block<T, VEC> block_of(const Geometry& g, const Tiling& t,
-                                                  Stage stage, int64_t tile_index) {
+                                                  Stage stage, const BlockPos& pos) {
   using A = typename AccOf<T>::type;
   SAEP_DYNAMIC_SMEM(smem);
   const SmemLayout L = smem_layout(g, t.th, t.tw, t.cv, VEC, stage);
-  return Block<T, VEC>{block_pos(t, tile_index), t.cols(g.ksize), t.cv * VEC,
+  return Block<T, VEC>{pos, t.cols(g.ksize), t.cv * VEC,
                        reinterpret_cast<Vec<T, VEC>*>(smem + L.x),
                        reinterpret_cast<A*>(smem + L.gz), reinterpret_cast<A*>(smem + L.w)};
 }
 
 // Element idx of a block's staged region: S pixels a row from input row 2*oi0 - pad and
-// column 2*oj0 - pad, t.cv channel vectors of `vec` channels a pixel, pixel-major.
+// column 2*oj0 - pad, t.cv channel vectors of `vec` channels a pixel, pixel-major; inside the
+// grid of the block's image (zero padding at its own edges: no tap reads another image).
 struct RegionElem {
   int cv, pix;
   int64_t gi, gj, ch;
   bool inside;  // in the grid and below the last channel
 };
 
-__device__ __forceinline__ RegionElem region_elem(const Geometry& g, const Tiling& t,
-                                                  const BlockPos& bp, int S, int pad, int vec,
-                                                  int idx) {
+__device__ __forceinline__ RegionElem region_elem(const Tiling& t, const BlockPos& bp, int S,
+                                                  int pad, int vec, int idx) {
+  const Geometry& g = bp.img.g;
   RegionElem e;
   e.cv = idx % t.cv;
   e.pix = idx / t.cv;
@@ -209,16 +278,17 @@ __device__ __forceinline__ RegionElem region_elem(const Geometry& g, const Tilin
 
 // Stage the block's pixel region of x (zero outside the grid and past the last channel).
 template <typename T, int VEC>
-__device__ __forceinline__ void stage_x(const LayerPtrs& x, const Geometry& g, const Tiling& t,
-                                        const BlockPos& bp, Vec<T, VEC>* xs) {
+__device__ __forceinline__ void stage_x(const LayerPtrs& x, const Tiling& t, const BlockPos& bp,
+                                        Vec<T, VEC>* xs) {
+  const Geometry& g = bp.img.g;
   const int ksize = g.ksize, pad = g.pad();
   const int R = t.rows(ksize), S = t.cols(ksize);
-  const T* base = static_cast<const T*>(x.data[bp.layer]) + bp.b * x.stride_b[bp.layer] +
-                  g.prefix * x.stride_t[bp.layer];
+  const T* base = static_cast<const T*>(x.data[bp.layer]) +
+                  bp.img.batch * x.stride_b[bp.layer] + bp.img.token * x.stride_t[bp.layer];
   const int64_t st = x.stride_t[bp.layer];
   const int n = R * S * t.cv;
   for (int idx = threadIdx.x; idx < n; idx += blockDim.x) {
-    const RegionElem e = region_elem(g, t, bp, S, pad, VEC, idx);
+    const RegionElem e = region_elem(t, bp, S, pad, VEC, idx);
     Vec<T, VEC> v;
     if (e.inside) {
       v = *reinterpret_cast<const Vec<T, VEC>*>(base + (e.gi * g.width + e.gj) * st + e.ch);

@@ -34,46 +34,56 @@ inline bool vector_ok(const Geometry& g, const LayerPtrs& x, const void* const* 
 // Calls launch(kernel, tiling, params) with the kernel instance for the problem's dtype,
 // vector width and kernel size. `launch`'s return value is passed back.
 template <typename T, int VEC, int KSIZE, typename Launch>
-int launch_instance(const FwdParams& p, Launch&& launch) {
-  return launch(fused_aggregate_fwd_kernel<T, VEC, KSIZE>, plan(p.g, VEC, Stage::Forward), p);
+int launch_instance(const FwdParams& p, const PackedTiles* packed, Launch&& launch) {
+  const Tiling t = plan(p.g, VEC, Stage::Forward, packed);
+  return packed ? launch(fused_aggregate_fwd_kernel<T, VEC, KSIZE, true>, t, p)
+                : launch(fused_aggregate_fwd_kernel<T, VEC, KSIZE, false>, t, p);
 }
 // The backward's two kernels, each when its gradients are asked for.
 template <typename T, int VEC, int KSIZE, typename Launch>
-int launch_instance(const BwdParams& p, Launch&& launch) {
+int launch_instance(const BwdParams& p, const PackedTiles* packed, Launch&& launch) {
   int err = 0;
-  if (p.grad_x[0] != nullptr)
-    err = launch(fused_aggregate_bwd_input_kernel<T, VEC, KSIZE>,
-                 plan(p.g, VEC, Stage::InputGrad), p);
-  if (err == 0 && (p.grad_w_part != nullptr || p.grad_b_part != nullptr))
-    err = launch(fused_aggregate_bwd_weight_kernel<T, VEC, KSIZE>, plan_weight_grad(p.g, VEC), p);
+  if (p.grad_x[0] != nullptr) {
+    const Tiling t = plan(p.g, VEC, Stage::InputGrad, packed);
+    err = packed ? launch(fused_aggregate_bwd_input_kernel<T, VEC, KSIZE, true>, t, p)
+                 : launch(fused_aggregate_bwd_input_kernel<T, VEC, KSIZE, false>, t, p);
+  }
+  if (err == 0 && (p.grad_w_part != nullptr || p.grad_b_part != nullptr)) {
+    const Tiling t = plan_weight_grad(p.g, VEC, packed);
+    err = packed ? launch(fused_aggregate_bwd_weight_kernel<T, VEC, KSIZE, true>, t, p)
+                 : launch(fused_aggregate_bwd_weight_kernel<T, VEC, KSIZE, false>, t, p);
+  }
   return err;
 }
 
 template <typename T, int VEC, typename Params, typename Launch>
-int dispatch_ksize(const Params& p, Launch&& launch) {
+int dispatch_ksize(const Params& p, const PackedTiles* packed, Launch&& launch) {
   switch (p.g.ksize) {
-    case 1: return launch_instance<T, VEC, 1>(p, launch);
-    case 3: return launch_instance<T, VEC, 3>(p, launch);
-    case 5: return launch_instance<T, VEC, 5>(p, launch);
-    case 7: return launch_instance<T, VEC, 7>(p, launch);
+    case 1: return launch_instance<T, VEC, 1>(p, packed, launch);
+    case 3: return launch_instance<T, VEC, 3>(p, packed, launch);
+    case 5: return launch_instance<T, VEC, 5>(p, packed, launch);
+    case 7: return launch_instance<T, VEC, 7>(p, packed, launch);
   }
   return -1;
 }
 
 template <typename T, typename Params, typename Launch>
-int dispatch_vec(const Params& p, bool vector, Launch&& launch) {
+int dispatch_vec(const Params& p, const PackedTiles* packed, bool vector, Launch&& launch) {
   constexpr int kVec = int(16 / sizeof(T));
-  return vector ? dispatch_ksize<T, kVec>(p, launch) : dispatch_ksize<T, 1>(p, launch);
+  return vector ? dispatch_ksize<T, kVec>(p, packed, launch)
+                : dispatch_ksize<T, 1>(p, packed, launch);
 }
 
 // `vector`: use 16-byte vectors (see fwd_vector_ok / bwd_vector_ok), else one channel each.
+// `packed`: the tiles of packed inputs (plan.h, packed_tiles), given exactly when p.images is.
 template <typename Params, typename Launch>
-int dispatch(const Params& p, bool vector, Launch&& launch) {
+int dispatch(const Params& p, const PackedTiles* packed, bool vector, Launch&& launch) {
+  if ((p.images != nullptr) != (packed != nullptr)) return -1;
   switch (p.g.dtype) {
-    case DType::F32: return dispatch_vec<float>(p, vector, launch);
-    case DType::F64: return dispatch_vec<double>(p, vector, launch);
-    case DType::F16: return dispatch_vec<__half>(p, vector, launch);
-    case DType::BF16: return dispatch_vec<__nv_bfloat16>(p, vector, launch);
+    case DType::F32: return dispatch_vec<float>(p, packed, vector, launch);
+    case DType::F64: return dispatch_vec<double>(p, packed, vector, launch);
+    case DType::F16: return dispatch_vec<__half>(p, packed, vector, launch);
+    case DType::BF16: return dispatch_vec<__nv_bfloat16>(p, packed, vector, launch);
   }
   return -1;
 }

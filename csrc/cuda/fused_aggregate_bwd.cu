@@ -5,8 +5,8 @@
 namespace saep {
 namespace cuda {
 
-int fused_aggregate_bwd(const BwdParams& p, CUstream_st* stream) {
-  return dispatch(p, bwd_vector_ok(p), Launcher{stream});
+int fused_aggregate_bwd(const BwdParams& p, const PackedTiles* packed, CUstream_st* stream) {
+  return dispatch(p, packed, bwd_vector_ok(p), Launcher{stream});
 }
 
 }  // namespace cuda

@@ -25,17 +25,17 @@ template <typename T, int VEC, int KSIZE>
 __device__ __forceinline__ void stage_grad_z(const BwdParams& p, const Tiling& t,
                                              const Block<T, VEC>& blk) {
   using A = typename AccOf<T>::type;
-  const Geometry& g = p.g;
   const BlockPos& bp = blk.pos;
+  const Geometry& g = bp.img.g;
   const int64_t kc = g.kc(), wo = g.out_width();
-  const T* gy = static_cast<const T*>(p.grad_out) + bp.b * p.gy_stride_b +
-                int64_t(bp.layer) * g.channels;
-  const uint8_t* am = p.argmax ? p.argmax + bp.b * g.windows() * kc +
+  const T* gy = static_cast<const T*>(p.grad_out) + bp.img.batch * p.gy_stride_b +
+                bp.img.window * p.gy_stride_t + int64_t(bp.layer) * g.channels;
+  const uint8_t* am = p.argmax ? p.argmax + bp.img.out_token(0) * kc +
                                      int64_t(bp.layer) * g.channels
                                : nullptr;
   const int n = t.rows(KSIZE) * blk.cols * t.cv;
   for (int idx = threadIdx.x; idx < n; idx += blockDim.x) {
-    const RegionElem e = region_elem(g, t, bp, blk.cols, KSIZE / 2, VEC, idx);
+    const RegionElem e = region_elem(t, bp, blk.cols, KSIZE / 2, VEC, idx);
     A* dst = blk.gz + int64_t(e.pix) * blk.ch_block + e.cv * VEC;
     if (e.inside) {
       const int64_t oi = e.gi / 2, oj = e.gj / 2, w = oi * wo + oj;
@@ -57,22 +57,24 @@ __device__ __forceinline__ void stage_grad_z(const BwdParams& p, const Tiling& t
   }
 }
 
-template <typename T, int VEC, int KSIZE>
+// PACKED: packed inputs (p.images), else the fixed grid of p.g.
+template <typename T, int VEC, int KSIZE, bool PACKED>
 __global__ void __launch_bounds__(kMaxThreads)
     fused_aggregate_bwd_input_kernel(BwdParams p, Tiling t) {
   using A = typename AccOf<T>::type;
   constexpr int PAD = KSIZE / 2;
-  const Geometry& g = p.g;
-  const Block<T, VEC> blk = block_of<T, VEC>(g, t, Stage::InputGrad, blockIdx.x);
+  const Block<T, VEC> blk = block_of<T, VEC>(p.g, t, Stage::InputGrad,
+                                             tile_pos<PACKED>(p.g, p.images, t, blockIdx.x));
+  const Geometry& g = blk.pos.img.g;  // the image's grid
   stage_weights<A>(p.weight, g, t, blk.pos, blk.ws);
   stage_grad_z<T, VEC, KSIZE>(p, t, blk);
   __syncthreads();
 
-  const ThreadWindow tw = thread_window(g, t, blk.pos, VEC);
+  const ThreadWindow tw = thread_window(t, blk.pos, VEC);
   if (!tw.active) return;
   const int S = blk.cols, ch_block = blk.ch_block, cv = tw.cv;
-  T* gx = static_cast<T*>(p.grad_x[blk.pos.layer]) +
-          (blk.pos.b * g.tokens() + g.prefix) * g.channels + tw.ch;
+  T* gx = static_cast<T*>(p.grad_x[blk.pos.layer]) + blk.pos.img.grid_token(0) * g.channels +
+          tw.ch;
 #pragma unroll 1
   for (int d = 0; d < 4; ++d) {
     const int dy = d >> 1, dx = d & 1;
@@ -99,13 +101,16 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-template <typename T, int VEC, int KSIZE>
+template <typename T, int VEC, int KSIZE, bool PACKED>
 __global__ void __launch_bounds__(kMaxThreads)
     fused_aggregate_bwd_weight_kernel(BwdParams p, Tiling t) {
   using A = typename AccOf<T>::type;
   constexpr int PAD = KSIZE / 2;
-  const Geometry& g = p.g;
-  const int64_t b = blockIdx.x, tiles = t.tiles_h * t.tiles_w, kc = g.kc();
+  const int64_t b = blockIdx.x;
+  const Image im = image_at<PACKED>(p.g, p.images, b);
+  const Geometry& g = im.g;  // the image's grid
+  const int64_t tiles = image_tiles<PACKED>(im, t), tiles_w = image_tiles_w<PACKED>(im, t),
+                kc = g.kc();
   const bool need_w = p.grad_w_part != nullptr, need_b = p.grad_b_part != nullptr;
   // items: (tap, channel vector) for each of the k*k taps, then (bias, channel vector)
   const int taps = need_w ? KSIZE * KSIZE : 0;
@@ -117,8 +122,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int q = 0; q < VEC; ++q) acc[s][q] = A(0);
 
   for (int64_t tile = 0; tile < tiles; ++tile) {
-    const Block<T, VEC> blk = block_of<T, VEC>(g, t, Stage::WeightGrad, b * tiles + tile);
-    if (need_w) stage_x<T, VEC>(p.x, g, t, blk.pos, blk.xs);
+    const Block<T, VEC> blk =
+        block_of<T, VEC>(p.g, t, Stage::WeightGrad, tile_of_image(im, t, tile, tiles_w));
+    if (need_w) stage_x<T, VEC>(p.x, t, blk.pos, blk.xs);
     stage_grad_z<T, VEC, KSIZE>(p, t, blk);
     __syncthreads();
     // the tile's in-grid pixels, summed in a fixed order

@@ -10,15 +10,19 @@
 #include <cstdint>
 
 #include "../fused_aggregate.h"
+#include "plan.h"
 
 struct CUstream_st;  // cudaStream_t is CUstream_st*
 
 namespace saep {
 namespace cuda {
 
-// Each returns 0 on success, else a cudaError_t value (see error_string).
-int fused_aggregate_fwd(const FwdParams& p, CUstream_st* stream);
-int fused_aggregate_bwd(const BwdParams& p, CUstream_st* stream);
+// Each returns 0 on success, else a cudaError_t value (see error_string). Packed inputs
+// (p.images, a device copy of the image table) come with their tiles (`packed`: plan.h's
+// packed_tiles of the host table, first_tile pointing at a device copy); else packed is
+// nullptr. One launch per kernel for all images; nothing waits for the device.
+int fused_aggregate_fwd(const FwdParams& p, const PackedTiles* packed, CUstream_st* stream);
+int fused_aggregate_bwd(const BwdParams& p, const PackedTiles* packed, CUstream_st* stream);
 
 const char* error_string(int err);
 

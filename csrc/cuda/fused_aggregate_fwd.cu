@@ -5,8 +5,8 @@
 namespace saep {
 namespace cuda {
 
-int fused_aggregate_fwd(const FwdParams& p, CUstream_st* stream) {
-  return dispatch(p, fwd_vector_ok(p), Launcher{stream});
+int fused_aggregate_fwd(const FwdParams& p, const PackedTiles* packed, CUstream_st* stream) {
+  return dispatch(p, packed, fwd_vector_ok(p), Launcher{stream});
 }
 
 const char* error_string(int err) {

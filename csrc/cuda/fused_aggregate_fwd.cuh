@@ -30,16 +30,18 @@ __device__ __forceinline__ void staged_tap(const A* ws, int ch_block, int cv, in
   for (int i = 0; i < VEC; ++i) w[i] = (tap ? src[i] : A(0)) + centre;
 }
 
-template <typename T, int VEC, int KSIZE>
+// PACKED: packed inputs (p.images), else the fixed grid of p.g.
+template <typename T, int VEC, int KSIZE, bool PACKED>
 __global__ void __launch_bounds__(kMaxThreads) fused_aggregate_fwd_kernel(FwdParams p, Tiling t) {
   using A = typename AccOf<T>::type;
-  const Geometry& g = p.g;
-  const Block<T, VEC> blk = block_of<T, VEC>(g, t, Stage::Forward, blockIdx.x);
-  stage_x<T, VEC>(p.x, g, t, blk.pos, blk.xs);
+  const Block<T, VEC> blk =
+      block_of<T, VEC>(p.g, t, Stage::Forward, tile_pos<PACKED>(p.g, p.images, t, blockIdx.x));
+  const Geometry& g = blk.pos.img.g;  // the image's grid
+  stage_x<T, VEC>(p.x, t, blk.pos, blk.xs);
   stage_weights<A>(p.weight, g, t, blk.pos, blk.ws);
   __syncthreads();
 
-  const ThreadWindow tw = thread_window(g, t, blk.pos, VEC);
+  const ThreadWindow tw = thread_window(t, blk.pos, VEC);
   if (!tw.active) return;
   const int cv = tw.cv;
   const WindowExtent ext = window_extent(g, tw.oi, tw.oj);
@@ -108,7 +110,7 @@ __global__ void __launch_bounds__(kMaxThreads) fused_aggregate_fwd_kernel(FwdPar
     for (int i = 0; i < VEC; ++i) y[i] /= A(ext.count());
   }
 
-  const int64_t o = (blk.pos.b * g.windows() + tw.oi * g.out_width() + tw.oj) * g.kc() +
+  const int64_t o = blk.pos.img.out_token(tw.oi * g.out_width() + tw.oj) * g.kc() +
                     int64_t(blk.pos.layer) * g.channels + tw.ch;
   const A* bias = p.bias ? static_cast<const A*>(p.bias) + blk.pos.layer * g.channels + tw.ch
                          : nullptr;

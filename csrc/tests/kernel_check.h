@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <cstdio>
 #include <functional>
@@ -80,21 +81,21 @@ struct ComputeBuffer {
   std::vector<float> f;
   ComputeBuffer(bool is_double, size_t n) : dbl(is_double), d(is_double ? n : 0), f(is_double ? 0 : n) {}
   void* data() { return dbl ? static_cast<void*>(d.data()) : static_cast<void*>(f.data()); }
+  const void* data() const {
+    return dbl ? static_cast<const void*>(d.data()) : static_cast<const void*>(f.data());
+  }
   double get(size_t i) const { return dbl ? d[i] : double(f[i]); }
   void set(size_t i, double v) {
     if (dbl) d[i] = v; else f[i] = float(v);
   }
 };
 
-// Runs forward and backward of `be` on `pr` and compares with the naive loops. Returns the
-// number of mismatching values (0 = pass) and prints a line per failing tensor.
-inline int64_t check_problem(const Backend& be, const Problem& pr, uint32_t seed) {
-  Inputs in = make_inputs(pr, seed);
-  const bool dbl = pr.dtype == DType::F64;
-  const int k = pr.ksize, taps = k * k;
-  const int64_t KC = pr.kc(), H = pr.height, W = pr.width, C = pr.channels;
-  // the kernels take weights in the compute type, tap-major: round them first
-  ComputeBuffer weight(dbl, size_t(taps * KC)), bias(dbl, size_t(KC));
+// The kernels take the weights in the compute type, tap-major, and the bias in the compute
+// type: `weight` and `bias` as the kernels take them, `in`'s rounded to what they hold.
+inline void kernel_weights(const Problem& pr, Inputs& in, ComputeBuffer& weight,
+                           ComputeBuffer& bias) {
+  const int taps = pr.ksize * pr.ksize;
+  const int64_t KC = pr.kc();
   for (int64_t kc = 0; kc < KC; ++kc)
     for (int t = 0; t < taps; ++t) {
       weight.set(size_t(t * KC + kc), in.weight[size_t(kc * taps + t)]);
@@ -104,6 +105,17 @@ inline int64_t check_problem(const Backend& be, const Problem& pr, uint32_t seed
     bias.set(size_t(kc), in.bias[size_t(kc)]);
     in.bias[size_t(kc)] = bias.get(size_t(kc));
   }
+}
+
+// Runs forward and backward of `be` on `pr` and compares with the naive loops. Returns the
+// number of mismatching values (0 = pass) and prints a line per failing tensor.
+inline int64_t check_problem(const Backend& be, const Problem& pr, uint32_t seed) {
+  Inputs in = make_inputs(pr, seed);
+  const bool dbl = pr.dtype == DType::F64;
+  const int k = pr.ksize, taps = k * k;
+  const int64_t KC = pr.kc(), H = pr.height, W = pr.width, C = pr.channels;
+  ComputeBuffer weight(dbl, size_t(taps * KC)), bias(dbl, size_t(KC));
+  kernel_weights(pr, in, weight, bias);
 
   Geometry g = pr.geometry();
   FwdParams fp{};
@@ -317,6 +329,358 @@ inline std::vector<Problem> standard_problems() {
   return out;
 }
 
+// ---- packed inputs (FwdParams::images, docs/op.md section 6): images of different grids, each
+// after its own prefix tokens, one after the other in each layer's tokens ([1, N, C], token
+// stride C + pad_t), their outputs one after the other ([1, sum of windows, K*C]). Checked
+// image by image against the naive loops on that image alone, so a tap that reads a
+// neighbouring image, an output or gradient written to another image's place, or a partial
+// sum in another image's row shows.
+
+struct PackedImage {
+  int64_t height, width, prefix;
+};
+
+struct PackedProblem {
+  std::vector<PackedImage> images;
+  Problem base;  // channels, layers, ksize, residual, bias, pool, dtype, pad_t (the rest unused)
+
+  std::string name() const {
+    static const char* dt[] = {"f32", "f16", "bf16", "f64"};
+    char buf[128];
+    std::snprintf(buf, sizeof buf, "packed %s C%lld K%d k%d %s%s%s strided=%d images",
+                  dt[int(base.dtype)], (long long)base.channels, base.layers, base.ksize,
+                  base.pool == Pool::Avg ? "avg" : "max", base.residual ? " res" : "",
+                  base.bias ? " bias" : "", int(base.pad_t > 0));
+    std::string s = buf;
+    for (const PackedImage& im : images)
+      s += " " + std::to_string(im.height) + "x" + std::to_string(im.width) +
+           (im.prefix ? "+" + std::to_string(im.prefix) : "");
+    return s;
+  }
+  // all images one grid with the same prefix: the fixed-grid op takes the same tensors
+  bool one_grid() const {
+    for (const PackedImage& im : images)
+      if (im.height != images[0].height || im.width != images[0].width ||
+          im.prefix != images[0].prefix)
+        return false;
+    return !images.empty();
+  }
+};
+
+// The gradients a backward call wrote.
+struct Grads {
+  std::vector<Buffer> gx;  // per layer, or none
+  ComputeBuffer gw, gb;    // the partial sums, one row per image
+};
+
+inline bool same_bytes(const void* a, const void* b, size_t n) {
+  return n == 0 || std::memcmp(a, b, n) == 0;
+}
+
+// Runs forward and backward of `be` on the packed problem and compares with the naive loops
+// image by image. Prefix tokens and the padding between tokens hold NaN, so that a kernel
+// reading them shows. When all images have one grid, the fixed-grid op on the same tensors must
+// give bitwise the same outputs, argmax and gradients (the same arithmetic in the same order).
+inline int64_t check_packed(const Backend& be, const PackedProblem& pp, uint32_t seed) {
+  const Problem& base = pp.base;
+  const int64_t n = int64_t(pp.images.size());
+  const bool dbl = base.dtype == DType::F64;
+  const int k = base.ksize, taps = k * k;
+  const int64_t C = base.channels, KC = base.kc(), st = base.stride_t();
+  // the image table, and each image as a naive-loop problem (its pixel (0, 0) at token
+  // `prefix` of batch row 0)
+  std::vector<int64_t> table(size_t(n * kImageFields));
+  std::vector<Problem> single(size_t(n), base);
+  int64_t N = 0, windows = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const PackedImage& im = pp.images[size_t(i)];
+    int64_t* row = table.data() + i * kImageFields;
+    row[kImageHeight] = im.height;
+    row[kImageWidth] = im.width;
+    row[kImageFirstToken] = N + im.prefix;
+    row[kImageFirstWindow] = windows;
+    Problem& pr = single[size_t(i)];
+    pr.batch = 1;
+    pr.height = im.height;
+    pr.width = im.width;
+    pr.prefix = N + im.prefix;
+    pr.pad_b = 0;
+    N += im.prefix + im.height * im.width;
+    windows += pr.windows();
+  }
+  auto image_of_token = [&](int64_t tok, int64_t& pixel) {  // -1 for a prefix token
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t* row = table.data() + i * kImageFields;
+      pixel = tok - row[kImageFirstToken];
+      if (pixel >= 0 && pixel < row[kImageHeight] * row[kImageWidth]) return i;
+    }
+    return int64_t(-1);
+  };
+
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  Inputs in{{}, {}, {}, Buffer(base.dtype, windows * KC)};
+  for (int l = 0; l < base.layers; ++l) {
+    Buffer buf(base.dtype, N * st);
+    for (int64_t tok = 0; tok < N; ++tok) {
+      int64_t pixel;
+      const bool grid = image_of_token(tok, pixel) >= 0;
+      for (int64_t c = 0; c < st; ++c) buf.set(tok * st + c, grid && c < C ? normal(rng) : NAN);
+    }
+    in.layers.push_back(std::move(buf));
+  }
+  in.weight.resize(size_t(KC * taps));
+  for (auto& w : in.weight) w = normal(rng) / k;
+  in.bias.assign(size_t(KC), 0.0);
+  if (base.bias)
+    for (auto& b : in.bias) b = normal(rng);
+  for (int64_t i = 0; i < in.grad_out.size(); ++i) in.grad_out.set(i, normal(rng));
+  ComputeBuffer weight(dbl, size_t(taps * KC)), bias(dbl, size_t(KC));
+  kernel_weights(base, in, weight, bias);
+
+  FwdParams fp{};
+  fp.g = base.geometry();
+  fp.g.batch = n;
+  fp.g.height = fp.g.width = fp.g.prefix = 0;
+  for (int l = 0; l < base.layers; ++l) {
+    fp.x.data[l] = in.layers[size_t(l)].data();
+    fp.x.stride_b[l] = N * st;
+    fp.x.stride_t[l] = st;
+  }
+  fp.weight = weight.data();
+  fp.bias = base.bias ? bias.data() : nullptr;
+  fp.images = table.data();
+  Buffer out(base.dtype, windows * KC);
+  std::vector<uint8_t> argmax(size_t(windows * KC), 255);
+  fp.out = out.data();
+  fp.argmax = base.pool == Pool::Max ? argmax.data() : nullptr;
+  be.fwd(fp);
+
+  // the naive loops, image by image (given the kernel's argmax of the image's windows)
+  std::vector<Expected> ex;
+  for (int64_t i = 0; i < n; ++i) {
+    const Problem& pr = single[size_t(i)];
+    const int64_t w0 = table[size_t(i * kImageFields + kImageFirstWindow)];
+    Inputs one{in.layers, in.weight, in.bias, Buffer(base.dtype, pr.windows() * KC)};
+    std::memcpy(one.grad_out.data(), in.grad_out.bytes.data() + w0 * KC * dtype_size(base.dtype),
+                one.grad_out.bytes.size());
+    const std::vector<uint8_t> am(argmax.begin() + w0 * KC,
+                                  argmax.begin() + (w0 + pr.windows()) * KC);
+    ex.push_back(naive(pr, one, base.pool == Pool::Max ? &am : nullptr));
+  }
+
+  int64_t bad = 0;
+  const std::string name = pp.name();
+  auto report = [&](Checker& ch) {
+    if (ch.bad) std::printf("  FAIL %s [%s]: %lld of %lld values off\n", name.c_str(),
+                            ch.what.c_str(), (long long)ch.bad, (long long)ch.total);
+    bad += ch.bad;
+  };
+  {
+    const Tolerance tol = forward_tolerance(base.dtype);
+    Checker ch{"forward", tol.rtol, tol.atol, NonFinite::Mask};
+    Checker codes{"argmax in 0..3 and at an in-grid position of the image", 0, 0};
+    for (int64_t i = 0; i < n; ++i) {
+      const Problem& pr = single[size_t(i)];
+      const int64_t w0 = table[size_t(i * kImageFields + kImageFirstWindow)];
+      for (int64_t w = 0; w < pr.windows(); ++w)
+        for (int64_t kc = 0; kc < KC; ++kc) {
+          ch(out.get((w0 + w) * KC + kc), ex[size_t(i)].out[size_t(w * KC + kc)]);
+          if (base.pool != Pool::Max) continue;
+          const int code = argmax[size_t((w0 + w) * KC + kc)];
+          const int64_t r = 2 * (w / pr.ow()) + code / 2, c = 2 * (w % pr.ow()) + code % 2;
+          codes(code <= 3 && r < pr.height && c < pr.width ? 0.0 : 1.0, 0.0);
+        }
+    }
+    report(ch);
+    if (base.pool == Pool::Max) report(codes);
+  }
+
+  Buffer sentinel_buf(base.dtype, 1);
+  sentinel_buf.set(0, 1234.5);
+  const double sentinel = sentinel_buf.get(0);
+  // the backward on params `bp` (grad_x when need_x), into fresh buffers
+  auto backward = [&](BwdParams bp, int64_t layer_elems, bool need_x) {
+    Grads gr{{}, ComputeBuffer(dbl, size_t(n * taps * KC)), ComputeBuffer(dbl, size_t(n * KC))};
+    for (int l = 0; l < base.layers && need_x; ++l) {
+      gr.gx.emplace_back(base.dtype, layer_elems);
+      for (int64_t e = 0; e < layer_elems; ++e) gr.gx.back().set(e, sentinel);
+    }
+    for (int l = 0; l < base.layers && need_x; ++l) bp.grad_x[l] = gr.gx[size_t(l)].data();
+    bp.grad_w_part = gr.gw.data();
+    bp.grad_b_part = gr.gb.data();
+    be.bwd(bp);
+    return gr;
+  };
+  BwdParams bp{};
+  bp.g = fp.g;
+  bp.x = fp.x;
+  bp.grad_out = in.grad_out.data();
+  bp.gy_stride_b = windows * KC;
+  bp.gy_stride_t = KC;
+  bp.argmax = fp.argmax;
+  bp.weight = weight.data();
+  bp.images = table.data();
+  std::vector<Grads> packed;  // all gradients, then weight and bias only
+  for (int mode = 0; mode < 2; ++mode) {
+    const bool need_x = mode == 0;
+    packed.push_back(backward(bp, N * C, need_x));
+    const Grads& gr = packed.back();
+    if (need_x) {
+      const Tolerance tol = forward_tolerance(base.dtype);
+      Checker ch{"grad_x", tol.rtol, tol.atol, NonFinite::Mask};
+      Checker prefix{"grad_x prefix rows untouched", 0, 0};
+      for (int l = 0; l < base.layers; ++l)
+        for (int64_t tok = 0; tok < N; ++tok) {
+          int64_t pixel;
+          const int64_t i = image_of_token(tok, pixel);
+          for (int64_t c = 0; c < C; ++c) {
+            const double got = gr.gx[size_t(l)].get(tok * C + c);
+            if (i < 0) {
+              prefix(got, sentinel);
+            } else {
+              const Problem& pr = single[size_t(i)];
+              ch(got, ex[size_t(i)].grad_x[size_t((l * pr.height * pr.width + pixel) * C + c)]);
+            }
+          }
+        }
+      report(ch);
+      report(prefix);
+    }
+    // each image's row of the partial sums against its own gradients
+    const double rtol = reduction_rtol(base.dtype);
+    Checker cw{need_x ? "grad_w row of each image" : "grad_w row of each image (weights only)",
+               rtol, 0, NonFinite::Mask};
+    Checker cb{need_x ? "grad_b row of each image" : "grad_b row of each image (weights only)",
+               rtol, 0, NonFinite::Mask};
+    for (int64_t i = 0; i < n; ++i) {
+      double scale_w = 1, scale_b = 1;
+      for (double v : ex[size_t(i)].grad_w)
+        if (std::isfinite(v)) scale_w = std::max(scale_w, std::fabs(v));
+      for (double v : ex[size_t(i)].grad_b)
+        if (std::isfinite(v)) scale_b = std::max(scale_b, std::fabs(v));
+      cw.atol = rtol * scale_w;
+      cb.atol = rtol * scale_b;
+      for (int64_t e = 0; e < taps * KC; ++e)
+        cw(gr.gw.get(size_t(i * taps * KC + e)), ex[size_t(i)].grad_w[size_t(e)]);
+      for (int64_t e = 0; e < KC; ++e)
+        cb(gr.gb.get(size_t(i * KC + e)), ex[size_t(i)].grad_b[size_t(e)]);
+    }
+    report(cw);
+    report(cb);
+  }
+
+  if (pp.one_grid()) {
+    // the fixed-grid op on the same tensors: batch n of the images' grid after `prefix` tokens
+    const PackedImage& im = pp.images[0];
+    const int64_t T = im.prefix + im.height * im.width;
+    FwdParams ff = fp;
+    ff.g.height = im.height;
+    ff.g.width = im.width;
+    ff.g.prefix = im.prefix;
+    ff.images = nullptr;
+    for (int l = 0; l < base.layers; ++l) ff.x.stride_b[l] = T * st;
+    Buffer out2(base.dtype, windows * KC);
+    std::vector<uint8_t> argmax2(size_t(windows * KC), 255);
+    ff.out = out2.data();
+    ff.argmax = base.pool == Pool::Max ? argmax2.data() : nullptr;
+    be.fwd(ff);
+    BwdParams bf = bp;
+    bf.g = ff.g;
+    bf.x = ff.x;
+    bf.gy_stride_b = ff.g.windows() * KC;
+    bf.images = nullptr;
+    const Grads fixed = backward(bf, N * C, true);
+    const Grads& pk = packed[0];
+    Checker same{"bitwise equal to the fixed-grid op (out, argmax, grad_x, grad_w, grad_b)", 0, 0};
+    same(same_bytes(out.data(), out2.data(), out.bytes.size()) ? 0 : 1, 0);
+    same(argmax == argmax2 ? 0 : 1, 0);
+    for (int l = 0; l < base.layers; ++l)
+      same(pk.gx[size_t(l)].bytes == fixed.gx[size_t(l)].bytes ? 0 : 1, 0);
+    same(same_bytes(pk.gw.data(), fixed.gw.data(), size_t(n * taps * KC * compute_size(base.dtype)))
+             ? 0 : 1, 0);
+    same(same_bytes(pk.gb.data(), fixed.gb.data(), size_t(n * KC * compute_size(base.dtype)))
+             ? 0 : 1, 0);
+    report(same);
+  }
+  return bad;
+}
+
+// The packed problems: each dtype x kernel size x pool with the next mix of images and the next
+// layout (16-byte vectors or one channel a thread in the CUDA kernels), then mixes of one
+// grid checked bitwise against the fixed-grid op, and no images at all.
+inline std::vector<PackedProblem> packed_problems() {
+  const std::vector<std::vector<PackedImage>> mixes = {
+      // odd, non-square, 1xN and Nx1 grids, a single pixel, different prefixes
+      {{3, 5, 0}, {4, 4, 1}, {1, 6, 0}, {7, 2, 2}, {1, 1, 0}},
+      {{5, 7, 1}},  // a single image
+      // a grid of several tiles both ways, then grids smaller than a tile
+      {{13, 17, 0}, {2, 3, 1}, {6, 1, 0}},
+      {{2, 2, 0}, {9, 4, 2}, {1, 3, 0}, {3, 3, 1}},
+  };
+  struct Layout {
+    int64_t channels, pad_t;
+    int layers;
+    bool bias;
+  };
+  const Layout layouts[] = {
+      {16, 0, 2, true},   // 16-byte vectors for every dtype
+      {3, 0, 1, true},    // one channel a thread
+      {10, 3, 2, false},  // misaligned tokens, no bias
+  };
+  std::vector<PackedProblem> out;
+  size_t n = 0;
+  for (DType dt : {DType::F32, DType::F64, DType::BF16, DType::F16})
+    for (int k : {1, 3, 5, 7})
+      for (Pool pool : {Pool::Avg, Pool::Max}) {
+        const Layout& lay = layouts[n % 3];
+        PackedProblem pp;
+        pp.images = mixes[n % mixes.size()];
+        Problem& pr = pp.base;
+        pr = Problem{};
+        pr.channels = lay.channels;
+        pr.pad_t = lay.pad_t;
+        pr.layers = lay.layers;
+        pr.bias = lay.bias;
+        pr.ksize = k;
+        pr.pool = pool;
+        pr.dtype = dt;
+        pr.residual = (n / 2 + n / 8) % 2 == 0;
+        out.push_back(pp);
+        ++n;
+      }
+  struct Twin {
+    PackedImage image;
+    int64_t count, channels, pad_t;
+    int ksize;
+    DType dtype;
+    Pool pool;
+  };
+  const Twin twins[] = {
+      {{5, 7, 1}, 3, 16, 0, 3, DType::F32, Pool::Avg},
+      {{5, 7, 1}, 3, 16, 0, 3, DType::BF16, Pool::Max},
+      {{13, 17, 0}, 2, 16, 0, 5, DType::F32, Pool::Max},   // several tiles an image
+      {{13, 17, 0}, 2, 24, 0, 5, DType::BF16, Pool::Avg},
+      {{4, 6, 2}, 2, 3, 5, 7, DType::F64, Pool::Avg},      // one channel a thread
+  };
+  for (const Twin& tw : twins) {
+    PackedProblem pp;
+    pp.images.assign(size_t(tw.count), tw.image);
+    pp.base = out.front().base;
+    pp.base.channels = tw.channels;
+    pp.base.pad_t = tw.pad_t;
+    pp.base.ksize = tw.ksize;
+    pp.base.dtype = tw.dtype;
+    pp.base.pool = tw.pool;
+    pp.base.residual = true;
+    out.push_back(pp);
+  }
+  PackedProblem none = out.front();
+  none.images.clear();
+  out.push_back(none);
+  return out;
+}
+
 inline int run_all(const Backend& be) {
   int failed = 0;
   const auto problems = standard_problems();
@@ -324,8 +688,14 @@ inline int run_all(const Backend& be) {
   for (const Problem& pr : problems) {
     if (check_problem(be, pr, seed++) != 0) ++failed;
   }
-  std::printf("%s: %d of %zu problems failed\n", be.name.c_str(), failed, problems.size());
-  return failed == 0 ? 0 : 1;
+  const auto packed = packed_problems();
+  int failed_packed = 0;
+  for (const PackedProblem& pp : packed) {
+    if (check_packed(be, pp, seed++) != 0) ++failed_packed;
+  }
+  std::printf("%s: %d of %zu problems failed, %d of %zu packed problems failed\n",
+              be.name.c_str(), failed, problems.size(), failed_packed, packed.size());
+  return failed == 0 && failed_packed == 0 ? 0 : 1;
 }
 
 }  // namespace test

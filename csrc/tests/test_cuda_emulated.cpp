@@ -26,6 +26,17 @@ struct EmulatedLaunch {
   }
 };
 
+// Dispatches `p` as the CUDA binding does: packed inputs with their tiles (host memory is the
+// device memory here).
+template <typename Params>
+int emulated_dispatch(const Params& p, bool vector) {
+  if (p.images == nullptr) return saep::cuda::dispatch(p, nullptr, vector, EmulatedLaunch{});
+  std::vector<int64_t> first_tile(size_t(p.g.batch + 1));
+  const saep::cuda::PackedTiles packed =
+      saep::cuda::packed_tiles(p.images, p.g.batch, first_tile.data());
+  return saep::cuda::dispatch(p, &packed, vector, EmulatedLaunch{});
+}
+
 }  // namespace
 
 int main() {
@@ -33,10 +44,10 @@ int main() {
   test::Backend be{
       "emulated CUDA kernels",
       [](const FwdParams& p) {
-        if (cuda::dispatch(p, cuda::fwd_vector_ok(p), EmulatedLaunch{}) != 0) std::abort();
+        if (emulated_dispatch(p, cuda::fwd_vector_ok(p)) != 0) std::abort();
       },
       [](const BwdParams& p) {
-        if (cuda::dispatch(p, cuda::bwd_vector_ok(p), EmulatedLaunch{}) != 0) std::abort();
+        if (emulated_dispatch(p, cuda::bwd_vector_ok(p)) != 0) std::abort();
       }};
   const int rc = test::run_all(be);
   std::printf("launches: %d with 16-byte vectors, %d with one channel per thread\n",

@@ -93,9 +93,7 @@ class ExtensionBackend(FusedBackend):
             return f"saep_kernels._C was built without {self.name} kernels"
         return None
 
-    @property
-    def takes_packed_grids(self) -> bool:
-        return self.name == "cpu"  # the CUDA kernels do not take packed grids yet
+    takes_packed_grids = True  # the CPU and CUDA kernels take the image table
 
     def supports(self, spec) -> Optional[str]:
         why = super().supports(spec)
