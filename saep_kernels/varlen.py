@@ -11,9 +11,8 @@ One kernel launch per direction covers all images: the kernels take a table with
 image (``image_table``: height, width, first token, first output token), built on the host
 from the grids the caller passes, so the op itself never synchronises with the device. The
 ``reference`` backend loops over images with ``fused_aggregate_reference`` (the oracle); the
-``cpu`` and ``cuda`` backends run the packed kernels; the Triton kernels do not take packed
-grids yet (naming them raises ``BackendUnavailable`` saying so; ``backend="auto"`` on CUDA
-tensors takes the CUDA kernels where the extension has them, else the reference).
+``triton``, ``cpu`` and ``cuda`` backends run the packed kernels (``backend="auto"`` picks
+them in the fixed-grid op's order for the device).
 
 Token layouts: ``"row_major"`` (token ``i*W + j`` of an image is row i, column j: Pixtral,
 CLIP, SigLIP) and ``"merge_2x2"`` (Qwen2-VL's processor order: the four tokens of each 2x2
@@ -36,7 +35,8 @@ from .reference import reference_unchecked
 from .spec import (FLOAT_DTYPES, NO_GRADS, AggregateSpec, GradsNeeded, compute_dtype,
                    grads_needed)
 
-__all__ = ["fused_aggregate_varlen", "VarlenSpec", "LAYOUTS", "image_table"]
+__all__ = ["fused_aggregate_varlen", "VarlenSpec", "LAYOUTS", "image_table",
+           "check_image_table"]
 
 LAYOUTS = ("row_major", "merge_2x2")
 
@@ -117,6 +117,40 @@ def image_table(grids: Sequence[Tuple[int, int]], prefixes: Sequence[int]) -> Tu
     out_offsets = torch.cat([windows.new_zeros(1), torch.cumsum(windows, 0)])
     table = torch.stack([hw[:, 0], hw[:, 1], first_token, out_offsets[:-1]], 1).contiguous()
     return table, out_offsets
+
+
+def check_image_table(images, tokens: int, out_tokens: int) -> None:
+    """Raise ``ValueError`` unless ``images`` is an image table the kernels can take for N =
+    ``tokens`` packed tokens and ``out_tokens`` outputs: int64 [n, 4] contiguous on the host,
+    every grid positive, the images' tokens in order without overlap inside [0, N), their
+    outputs one after the other from 0 up to ``out_tokens`` (the rules of the compiled op's
+    ``packed_geometry``, csrc/binding.h, for kernels that do not check the table themselves).
+    Vectorised over the images; the table is on the host, so it does not synchronise."""
+    if (not isinstance(images, Tensor) or images.dim() != 2 or images.shape[0] == 0
+            or images.shape[1] != len(IMAGE_FIELDS) or images.dtype != torch.int64
+            or images.device.type != "cpu" or not images.is_contiguous()):
+        described = (f"{images.dtype} {tuple(images.shape)} on {images.device}"
+                     if isinstance(images, Tensor) else type(images).__name__)
+        raise ValueError(f"images must be a contiguous int64 CPU tensor [n >= 1, "
+                         f"{len(IMAGE_FIELDS)}] {IMAGE_FIELDS}, got {described}")
+    height, width, first, first_window = images.unbind(1)
+
+    def fail(bad, message):
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"images[{i}] = {images[i].tolist()} {IMAGE_FIELDS}: {message}")
+
+    fail((height <= 0) | (width <= 0) | (height > tokens) | (width > tokens) | (first < 0),
+         f"the grid is empty or does not fit the N = {tokens} tokens")
+    end = first + height * width
+    fail((first < torch.cat([end.new_zeros(1), end[:-1]])) | (end > tokens),
+         f"its tokens overlap the previous image's or pass the N = {tokens} tokens")
+    windows = ((height + 1) // 2) * ((width + 1) // 2)
+    fail(first_window != torch.cumsum(windows, 0) - windows,
+         "its first window must follow the previous image's windows")
+    if int(windows.sum()) != out_tokens:
+        raise ValueError(f"images hold {int(windows.sum())} output tokens, but out_tokens is "
+                         f"{out_tokens}")
 
 
 def merge_2x2_order(table: Tensor, tokens: int) -> Tensor:
@@ -341,7 +375,7 @@ def fused_aggregate_varlen(
         num_prefix_tokens: tokens before each image's grid: one int for all images, or one per
             image.
         layout: ``"row_major"`` or ``"merge_2x2"`` (Qwen2-VL's order, even grids).
-        backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"cuda"`` (the Triton kernels do
+        backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpu"`` or ``"cuda"``.
             not take packed grids yet).
 
     Returns:

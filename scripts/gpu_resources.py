@@ -59,6 +59,7 @@ class Variant:
     tile: str = ""  # Triton: "PxCxwarps"; CUDA: "vec=N"
     default: bool = True  # the tiles a call takes without autotuning
     channels: int = 1024  # C (llava15-7b); 1000 checks 16-byte vectors at C % 16 != 0
+    varlen: bool = False  # Triton: packed grids (fused_aggregate_varlen)
 
 
 @dataclasses.dataclass
@@ -129,7 +130,7 @@ def _signature_of(value, path, constexprs, attrs):
     if isinstance(value, torch.Tensor):
         attrs[path] = [["tt.divisibility", 16]]
         names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
-                 torch.float64: "fp64", torch.uint8: "u8"}
+                 torch.float64: "fp64", torch.uint8: "u8", torch.int64: "i64"}
         return "*" + names[value.dtype]
     if isinstance(value, bool):
         return "i1"
@@ -166,14 +167,16 @@ def compile_triton_kernel(jit_fn, args, consts, arch: int, num_warps: int):
 
 def triton_launch(variant: Variant, batch: int = 32):
     """(jit kernel, runtime args, constexprs, num_warps) of a Triton variant at the llava15-7b
-    shapes, through the launchers' own argument builders."""
+    shapes, through the launchers' own argument builders; a packed-grids variant packs the
+    batch's images (and their prefix tokens) into one sequence."""
     import torch
 
     from saep_kernels.configs import REFERENCE_CONFIGS
     from saep_kernels.spec import AggregateSpec
     from saep_kernels.triton_kernels import fused_aggregate_bwd as bwd
     from saep_kernels.triton_kernels import fused_aggregate_fwd as fwd
-    from saep_kernels.triton_kernels.shared import LaunchConfig
+    from saep_kernels.triton_kernels.shared import LaunchConfig, packed_grids
+    from saep_kernels.varlen import VarlenSpec, image_table
 
     cfg = REFERENCE_CONFIGS["llava15-7b"]
     dtype = getattr(torch, _TORCH_TYPES[variant.dtype])
@@ -181,22 +184,29 @@ def triton_launch(variant: Variant, batch: int = 32):
                          cfg.tokens, variant.channels, cfg.layers, variant.ksize)
     block_p, block_c, warps = (int(x) for x in variant.tile.split("x"))
     tiles = LaunchConfig(block_p, block_c, warps)
-    layers = [torch.empty(batch, spec.tokens, spec.channels, dtype=dtype)
-              for _ in range(spec.num_layers)]
+    packed = None
+    if variant.varlen:
+        table, offsets = image_table([(cfg.height, cfg.width)] * batch, [cfg.prefix] * batch)
+        spec = VarlenSpec(True, variant.pool, batch, batch * spec.tokens, int(offsets[-1]),
+                          spec.channels, spec.num_layers, spec.kernel_size)
+        packed = packed_grids(table, block_p, torch.device("cpu"))
+    shape = (1, spec.tokens) if variant.varlen else (batch, spec.tokens)
+    out_shape = (1, spec.out_tokens, spec.out_channels) if variant.varlen else spec.out_shape
+    layers = [torch.empty(*shape, spec.channels, dtype=dtype) for _ in range(spec.num_layers)]
     weight = torch.empty(spec.taps, spec.out_channels)
-    out = torch.empty(spec.out_shape, dtype=dtype)
-    argmax = torch.empty(spec.out_shape, dtype=torch.uint8) if variant.pool == "max" else None
+    out = torch.empty(out_shape, dtype=dtype)
+    argmax = torch.empty(out_shape, dtype=torch.uint8) if variant.pool == "max" else None
     if variant.kernel == "fwd":
         _, args, consts = fwd.fwd_launch(spec, layers, weight, torch.empty(spec.out_channels),
-                                         out, argmax, tiles)
+                                         out, argmax, tiles, packed)
         return fwd.fused_aggregate_fwd_kernel, args, consts, warps
     if variant.kernel == "bwd_input":
         grads = [torch.empty_like(x) for x in layers]
-        _, args, consts = bwd.input_launch(spec, out, argmax, weight, grads, tiles)
+        _, args, consts = bwd.input_launch(spec, out, argmax, weight, grads, tiles, packed)
         return bwd.fused_aggregate_bwd_input_kernel, args, consts, warps
     parts = torch.empty(batch, spec.taps, spec.out_channels)
     _, args, consts = bwd.weight_launch(spec, out, argmax, layers, parts,
-                                        torch.empty(batch, spec.out_channels), tiles)
+                                        torch.empty(batch, spec.out_channels), tiles, packed)
     return bwd.fused_aggregate_bwd_weight_kernel, args, consts, warps
 
 
@@ -227,6 +237,12 @@ def triton_variants(all_variants: bool, archs: List[int]) -> List[Variant]:
             for kernel in ("fwd", "bwd_input", "bwd_weight"):
                 out.append(Variant("triton", kernel, "avg", 3, dtype, arch, fixed_tile,
                                    channels=1000))
+            # packed grids (the fixed tiles): every kernel size with --all, else the widest
+            for pool in ("avg", "max"):
+                for k in (KERNEL_SIZES if all_variants else (7,)):
+                    for kernel in ("fwd", "bwd_input", "bwd_weight"):
+                        out.append(Variant("triton", kernel, pool, k, dtype, arch, fixed_tile,
+                                           varlen=True))
     return out
 
 
@@ -305,7 +321,8 @@ def checks(rows: List[tuple]) -> List[str]:
     failed = []
     for v, r in rows:
         name = (f"{v.backend} {v.kernel} {v.pool} k={v.ksize} {v.dtype} sm_{v.arch} "
-                f"{v.tile}" + ("" if v.channels == 1024 else f" C={v.channels}")).strip()
+                f"{v.tile}" + ("" if v.channels == 1024 else f" C={v.channels}")
+                + (" varlen" if v.varlen else "")).strip()
         if r.error:
             failed.append(f"{name}: {r.error}")
             continue
@@ -333,7 +350,8 @@ def table_rows(rows: List[tuple]) -> List[List[str]]:
         spills = "-" if r.error else str(r.local_ops + r.spill_bytes)
         out.append([v.backend, v.kernel, v.pool, str(v.ksize), v.dtype, f"sm_{v.arch}",
                     v.tile + ("" if v.default else " (autotune)")
-                    + ("" if v.channels == 1024 else f" C={v.channels}"),
+                    + ("" if v.channels == 1024 else f" C={v.channels}")
+                    + (" varlen" if v.varlen else ""),
                     str(r.registers) if not r.error else "error", str(r.stack), spills,
                     str(r.shared), str(r.ld128), str(r.st128), f"{r.occupancy:.0%}"])
     return out
@@ -362,7 +380,8 @@ def markdown(rows: List[tuple], failed: List[str]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     groups: Dict[tuple, list] = {}
     for v, r in rows:
-        groups.setdefault((v.backend, v.kernel, v.arch), []).append(r)
+        kernel = v.kernel + (" (varlen)" if v.varlen else "")
+        groups.setdefault((v.backend, kernel, v.arch), []).append(r)
     for (backend, kernel, arch), rs in groups.items():
         ok = [r for r in rs if not r.error]
         regs = f"{min(r.registers for r in ok)}-{max(r.registers for r in ok)}" if ok else "-"

@@ -50,6 +50,12 @@ def test_the_covering_set_is_complete(report):
                     assert ("triton", kernel, pool, k, dtype) in seen
                     if "cuda" in BACKENDS:
                         assert ("cuda", kernel, "any", k, dtype) in seen
+    packed = {(r["kernel"], r["pool"], r["ksize"], r["dtype"]) for r in data["rows"]
+              if r["varlen"]}
+    for pool in ("avg", "max"):
+        for dtype in ("bf16", "fp32"):
+            for kernel in ("fwd", "bwd_input", "bwd_weight"):
+                assert (kernel, pool, 7, dtype) in packed
 
 
 def _row(**changes):

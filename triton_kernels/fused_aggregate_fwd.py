@@ -21,8 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .shared import (LaunchConfig, acc_dtype, aligned, channel_alignment, interpreting,
-                     launch_config, pick, program_tile, tap, trip_count, window_extent, x_tile)
+from .shared import (LaunchConfig, PackedGrids, acc_dtype, aligned, channel_alignment,
+                     geometry_args, interpreting, launch_config, packed_launch, pick,
+                     program_tile, tap, trip_count, window_extent, window_tiles, x_tile)
 
 
 @triton.jit
@@ -31,15 +32,19 @@ def fused_aggregate_fwd_kernel(
     w_ptr, bias_ptr,
     out_ptr, argmax_ptr,
     C, H, W, OW, n_windows, prefix, ksize,
+    images_ptr, tiles_ptr,
     KSIZE: tl.constexpr, NUM_LAYERS: tl.constexpr,
     HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, POOL_MAX: tl.constexpr,
     SAVE_ARGMAX: tl.constexpr, ACC: tl.constexpr, CH_ALIGN: tl.constexpr,
-    INTERPRET: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    VARLEN: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     PAD: tl.constexpr = KSIZE // 2
     C = aligned(C, CH_ALIGN)
     KC = NUM_LAYERS * C
-    _, layer, b, p, c, p_mask, c_mask, oi, oj = program_tile(C, OW, n_windows, BLOCK_P, BLOCK_C)
+    (layer, b, H, W, OW, n_windows, token0, window0, p, c, p_mask, c_mask, oi,
+     oj) = program_tile(C, H, W, OW, n_windows, prefix, images_ptr, tiles_ptr, VARLEN, BLOCK_P,
+                        BLOCK_C)
     has_down, has_right, count = window_extent(oi, oj, H, W)
     wc = layer * C + c
     base = pick(x_ptrs, layer, NUM_LAYERS) + b * aligned(pick(x_stride_b, layer, NUM_LAYERS),
@@ -58,7 +63,7 @@ def fused_aggregate_fwd_kernel(
                               loop_unroll_factor=1):
                 u = t // KSIZE
                 v = t % KSIZE
-                xv = x_tile(base, stride_t, prefix, 2 * oi + dy + u - PAD,
+                xv = x_tile(base, stride_t, token0, 2 * oi + dy + u - PAD,
                             2 * oj + dx + v - PAD, H, W, c, p_mask, c_mask, ACC)
                 w = tap(w_ptr, wc, c_mask, KC, u, v, KSIZE, False)
                 z += xv * w.to(ACC)[None, :]
@@ -78,7 +83,7 @@ def fused_aggregate_fwd_kernel(
                                      INTERPRET), loop_unroll_factor=1):
             a = t // (KSIZE + 1)
             e = t % (KSIZE + 1)
-            xv = x_tile(base, stride_t, prefix, 2 * oi + a - PAD, 2 * oj + e - PAD, H, W, c,
+            xv = x_tile(base, stride_t, token0, 2 * oi + a - PAD, 2 * oj + e - PAD, H, W, c,
                         p_mask, c_mask, ACC)
             wf = tap(w_ptr, wc, c_mask, KC, a, e, KSIZE, RESIDUAL).to(ACC)[None, :]
             wf += hr * tap(w_ptr, wc, c_mask, KC, a, e - 1, KSIZE, RESIDUAL).to(ACC)[None, :]
@@ -90,7 +95,7 @@ def fused_aggregate_fwd_kernel(
     if HAS_BIAS:
         y += tl.load(bias_ptr + wc, mask=c_mask, other=0.0).to(ACC)[None, :]
 
-    offs = ((b * n_windows + p.to(tl.int64)) * KC)[:, None] + wc[None, :]
+    offs = ((b * n_windows + window0 + p.to(tl.int64)) * KC)[:, None] + wc[None, :]
     io_mask = p_mask[:, None] & c_mask[None, :]
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=io_mask)
     if SAVE_ARGMAX:
@@ -127,29 +132,30 @@ fused_aggregate_fwd_autotuned = triton.autotune(
 
 def fwd_launch(spec, layers: Sequence[torch.Tensor], weight: torch.Tensor,
                bias: Optional[torch.Tensor], out: torch.Tensor, argmax: Optional[torch.Tensor],
-               cfg: Optional[LaunchConfig]):
-    """(grid, runtime args, constexprs) of the forward kernel. With ``cfg`` None the tile
-    sizes are left to the autotuner and the grid is a function of them."""
+               cfg: Optional[LaunchConfig], packed: Optional[PackedGrids] = None):
+    """(grid, runtime args, constexprs) of the forward kernel, for the call's grid or for
+    ``packed`` grids (tables for tiles of ``cfg.block_p`` windows). With ``cfg`` None (fixed
+    grid only) the tile sizes are left to the autotuner and the grid is a function of them."""
 
     def grid(meta):
-        return (spec.batch * triton.cdiv(spec.out_tokens, meta["BLOCK_P"]),
+        return (window_tiles(spec, packed, meta["BLOCK_P"]),
                 triton.cdiv(spec.channels, meta["BLOCK_C"]), spec.num_layers)
 
+    geometry = geometry_args(spec, packed, out)
     args = (
         tuple(layers), tuple(x.stride(0) for x in layers), tuple(x.stride(1) for x in layers),
         weight, bias if bias is not None else weight,
         out, argmax if argmax is not None else out,
-        spec.channels, spec.height, spec.width, spec.out_width, spec.out_tokens,
-        spec.num_prefix_tokens, spec.kernel_size,
+        *geometry[0], spec.kernel_size, *geometry[1],
     )
     consts = dict(
         KSIZE=spec.kernel_size, NUM_LAYERS=spec.num_layers, HAS_BIAS=bias is not None,
         RESIDUAL=spec.residual, POOL_MAX=spec.pool == "max", SAVE_ARGMAX=argmax is not None,
-        ACC=acc_dtype(layers[0].dtype), INTERPRET=interpreting(),
-        CH_ALIGN=channel_alignment(
+        ACC=acc_dtype(layers[0].dtype), CH_ALIGN=channel_alignment(
             spec.channels, layers[0].element_size(),
             [*layers, out, weight] + [t for t in (bias, argmax) if t is not None],
             [st for x in layers for st in (x.stride(0), x.stride(1))]),
+        VARLEN=packed is not None, INTERPRET=interpreting(),
     )
     if cfg is not None:
         consts.update(BLOCK_P=cfg.block_p, BLOCK_C=cfg.block_c)
@@ -159,18 +165,26 @@ def fwd_launch(spec, layers: Sequence[torch.Tensor], weight: torch.Tensor,
 
 def fused_aggregate_fwd(spec, layers: Sequence[torch.Tensor], weight: torch.Tensor,
                         bias: Optional[torch.Tensor], out: torch.Tensor,
-                        argmax: Optional[torch.Tensor], autotune: bool) -> None:
+                        argmax: Optional[torch.Tensor], autotune: bool,
+                        images: Optional[torch.Tensor] = None) -> None:
     """Write ``out`` [B, Ho*Wo, K*C] (and ``argmax``, uint8 of the same shape, when given).
 
     ``layers``: channel stride 1; ``weight``: [k*k, K*C] and ``bias``: [K*C] in the compute
     dtype, contiguous. ``autotune``: pick the tiles by autotuning (on a GPU; fp64 takes the
     fixed tiles), else the fixed ``launch_config``.
+
+    Packed grids: ``spec`` a ``VarlenSpec``, ``images`` the host image table, layers
+    [1, N, C], ``out`` [1, out_tokens, K*C]; one launch for all images, at the fixed tiles
+    (the tile table depends on the tiles, so the autotuner is not asked).
     """
     size = layers[0].element_size()
-    if autotune and any(one_vector_per_thread(*tile, size) for tile in FWD_TILES):
+    if images is not None:
+        cfg, packed = packed_launch(images, spec.channels, size, out.device)
+    elif autotune and any(one_vector_per_thread(*tile, size) for tile in FWD_TILES):
         grid, args, consts = fwd_launch(spec, layers, weight, bias, out, argmax, None)
         fused_aggregate_fwd_autotuned[grid](*args, **consts)
         return
-    cfg = launch_config(spec.out_tokens, spec.channels, size)
-    grid, args, consts = fwd_launch(spec, layers, weight, bias, out, argmax, cfg)
+    else:
+        cfg, packed = launch_config(spec.out_tokens, spec.channels, size), None
+    grid, args, consts = fwd_launch(spec, layers, weight, bias, out, argmax, cfg, packed)
     fused_aggregate_fwd_kernel[grid](*args, **consts, num_warps=cfg.num_warps)

@@ -15,6 +15,16 @@ bytes of channels (8 x bf16/fp16, 4 x fp32). All offsets are int64. The weight c
 tap-major, ``w[(u*k + v) * K*C + l*C + c]`` in the compute dtype, so a tap's channels are
 contiguous.
 
+Packed grids (``fused_aggregate_varlen``, ``VARLEN``): the images of different grids are one
+packed row of tokens ([1, N, C]) and of outputs; every program reads its image's grid and
+offsets from the image table (``image_geometry``) where a fixed grid computes them from the
+program id, and the rest of each kernel is the same code. The window-tiled kernels
+(``program_tile``) take a tile table built on the host (``tile_table``: image, first window of
+each tile; each image's windows in tiles of their own, so no tile spans two images and none is
+padding) and copied with the image table in one non-blocking copy (``packed_grids``): an O(1)
+lookup per program, no search, no synchronisation. The tables are the kernels' last arguments
+and ``VARLEN`` is a constexpr, so the fixed-grid kernels compile as without them.
+
 Registers. The loops over the kernel's taps are runtime loops: one flat loop over the taps
 whose trip count comes from ``ksize``, the kernel size passed again as a runtime value
 (``trip_count``), with ``loop_unroll_factor=1`` (a loop with a constant trip count is unrolled
@@ -28,11 +38,20 @@ resident). ``scripts/gpu_resources.py`` checks this offline.
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from saep_kernels.varlen import IMAGE_FIELDS as _FIELDS
+
+# the image table's columns (csrc/fused_aggregate.h ImageField), as the kernels index them
+IMAGE_FIELDS = tl.constexpr(len(_FIELDS))
+IMAGE_HEIGHT = tl.constexpr(_FIELDS.index("height"))
+IMAGE_WIDTH = tl.constexpr(_FIELDS.index("width"))
+IMAGE_FIRST_TOKEN = tl.constexpr(_FIELDS.index("first_token"))
+IMAGE_FIRST_WINDOW = tl.constexpr(_FIELDS.index("first_window"))
 
 
 def interpreting() -> bool:
@@ -61,6 +80,76 @@ def launch_config(n_windows: int, channels: int, element_size: int,
                             min(triton.next_power_of_2(channels), 128), 1)
     return LaunchConfig(min(triton.next_power_of_2(n_windows), 16),
                         min(triton.next_power_of_2(channels), 8 * 16 // element_size), 4)
+
+
+class PackedGrids(NamedTuple):
+    """Packed grids as the kernels take them, on their device: the image table [n, 4] and the
+    tile table [tiles, 2] (``tile_table``), views of one buffer; the largest image's windows."""
+    images: torch.Tensor
+    tiles: torch.Tensor
+    max_windows: int
+
+    @property
+    def num_images(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_tiles(self) -> int:
+        return int(self.tiles.shape[0])
+
+
+def image_windows(images: torch.Tensor) -> torch.Tensor:
+    """The pooling windows of each image of a host image table (ceil mode)."""
+    return ((images[:, 0] + 1) // 2) * ((images[:, 1] + 1) // 2)
+
+
+def tile_table(images: torch.Tensor, block_p: int) -> torch.Tensor:
+    """The window tiles of packed grids, int64 [tiles, 2] on the host: (image, its first
+    window) of each tile of ``block_p`` windows, image by image, ``ceil(windows_i / block_p)``
+    tiles for image i (as flash-attention's varlen kernels map their blocks to sequences): no
+    tile spans two images and none is padding. Vectorised over the images."""
+    tiles = (image_windows(images) + block_p - 1) // block_p
+    image = torch.repeat_interleave(torch.arange(len(images)), tiles)
+    first_tile = torch.repeat_interleave(torch.cumsum(tiles, 0) - tiles, tiles)
+    return torch.stack([image, (torch.arange(len(image)) - first_tile) * block_p], 1)
+
+
+def packed_grids(images: torch.Tensor, block_p: int, device: torch.device) -> PackedGrids:
+    """The host image table and its tile table for tiles of ``block_p`` windows, on
+    ``device`` by one copy (from pinned memory: it does not wait for the device)."""
+    tiles = tile_table(images, block_p)
+    buffer = torch.cat([images.reshape(-1), tiles.reshape(-1)])
+    if device.type == "cuda":
+        buffer = buffer.pin_memory().to(device, non_blocking=True)
+    n = images.shape[0] * images.shape[1]
+    return PackedGrids(buffer[:n].view(images.shape), buffer[n:].view(tiles.shape),
+                       int(image_windows(images).max()))
+
+
+def packed_launch(images: torch.Tensor, channels: int, element_size: int,
+                  device: torch.device) -> Tuple[LaunchConfig, PackedGrids]:
+    """The fixed tiles of packed grids (``launch_config`` for the largest image) and their
+    tables on ``device``."""
+    cfg = launch_config(int(image_windows(images).max()), channels, element_size)
+    return cfg, packed_grids(images, cfg.block_p, device)
+
+
+def geometry_args(spec, packed: Optional[PackedGrids],
+                  unused: torch.Tensor) -> Tuple[tuple, tuple]:
+    """The kernels' image arguments: (``C, H, W, OW, n_windows, prefix``, ``images_ptr,
+    tiles_ptr``): the call's grid (``spec`` an ``AggregateSpec``; the tables unused, any
+    pointer), or the packed grids' tables (the grid arguments unused). The tables come last
+    in the kernels' signatures, so the fixed grid's other arguments keep their places."""
+    if packed is None:
+        return ((spec.channels, spec.height, spec.width, spec.out_width, spec.out_tokens,
+                 spec.num_prefix_tokens), (unused, unused))
+    return (spec.channels, 0, 0, 0, 0, 0), (packed.images, packed.tiles)
+
+
+def window_tiles(spec, packed: Optional[PackedGrids], block_p: int) -> int:
+    """Programs along axis 0 of the window-tiled kernels (``program_tile``)."""
+    return spec.batch * triton.cdiv(spec.out_tokens, block_p) if packed is None \
+        else packed.num_tiles
 
 
 def channel_alignment(channels: int, element_size: int, tensors, strides) -> int:
@@ -105,17 +194,58 @@ def pick(values, index, N: tl.constexpr):
 
 
 @triton.jit
-def program_tile(C, OW, n_windows, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def image_geometry(i, H, W, OW, n_windows, prefix, images_ptr, VARLEN: tl.constexpr):
+    """Image i of the call: (b, H, W, OW, windows, token0, window0), the batch row its tokens
+    and outputs are in, its grid, its windows, the token of its pixel (0, 0) within that row
+    and the output token of its window (0, 0) within that row.
+
+    Fixed grid: image i is batch row i, every image the call's grid (token0 = prefix,
+    window0 = 0). Packed grids (``VARLEN``): every image is in the one packed row b = 0, its
+    grid and offsets from row i of the image table (``images_ptr``, int64 [n, 4], the columns
+    of ``saep_kernels.varlen.IMAGE_FIELDS``); the call's H, W, OW, n_windows, prefix are
+    unused."""
+    if VARLEN:
+        row = images_ptr + i.to(tl.int64) * IMAGE_FIELDS
+        H = tl.load(row + IMAGE_HEIGHT).to(tl.int32)
+        W = tl.load(row + IMAGE_WIDTH).to(tl.int32)
+        token0 = tl.load(row + IMAGE_FIRST_TOKEN)
+        window0 = tl.load(row + IMAGE_FIRST_WINDOW)
+        OW = (W + 1) // 2
+        n_windows = ((H + 1) // 2) * OW
+        b = tl.zeros([], dtype=tl.int64)
+    else:
+        b = i.to(tl.int64)
+        token0 = prefix
+        window0 = 0
+    return b, H, W, OW, n_windows, token0, window0
+
+
+@triton.jit
+def program_tile(C, H, W, OW, n_windows, prefix, images_ptr, tiles_ptr, VARLEN: tl.constexpr,
+                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """This program's share of the work, the same in the forward and the backward:
-    axis 0 = (image b, tile of BLOCK_P windows), axis 1 = block of BLOCK_C channels,
-    axis 2 = layer. Returns (pid0, layer, b, window ids, channels, masks, window rows/cols)."""
-    n_window_tiles = tl.cdiv(n_windows, BLOCK_P)
+    axis 0 = a tile of BLOCK_P windows of one image, axis 1 = block of BLOCK_C channels,
+    axis 2 = layer. Fixed grid: tile pid0 is tile pid0 % tiles of image pid0 // tiles (tiles
+    = ceil(windows / BLOCK_P) per image). Packed grids: row pid0 of the tile table
+    (``tiles_ptr``, int64 [tiles, 2]: image, first window; ``tile_table``), so the tiles of
+    each image follow one another and none spans two images.
+    Returns (layer, the image's b, H, W, OW, windows, token0, window0 (``image_geometry``),
+    window ids, channels, masks, window rows/cols)."""
     pid0 = tl.program_id(0)
     layer = tl.program_id(2)
-    b = (pid0 // n_window_tiles).to(tl.int64)
-    p = (pid0 % n_window_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    if VARLEN:
+        image = tl.load(tiles_ptr + 2 * pid0.to(tl.int64))
+        first = tl.load(tiles_ptr + 2 * pid0.to(tl.int64) + 1).to(tl.int32)
+    else:
+        n_window_tiles = tl.cdiv(n_windows, BLOCK_P)
+        image = pid0 // n_window_tiles
+        first = (pid0 % n_window_tiles) * BLOCK_P
+    b, H, W, OW, n_windows, token0, window0 = image_geometry(image, H, W, OW, n_windows, prefix,
+                                                             images_ptr, VARLEN)
+    p = first + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    return pid0, layer, b, p, c, p < n_windows, c < C, p // OW, p % OW
+    return (layer, b, H, W, OW, n_windows, token0, window0, p, c, p < n_windows, c < C,
+            p // OW, p % OW)
 
 
 @triton.jit
@@ -128,10 +258,11 @@ def window_extent(oi, oj, H, W):
 
 
 @triton.jit
-def x_tile(base, stride_t, prefix, row, col, H, W, c, p_mask, c_mask, ACC: tl.constexpr):
-    """x[row, col, c] for a tile of grid positions (zero outside the grid), as ACC."""
+def x_tile(base, stride_t, token0, row, col, H, W, c, p_mask, c_mask, ACC: tl.constexpr):
+    """x[row, col, c] for a tile of grid positions (zero outside the grid), as ACC; pixel
+    (0, 0) is token ``token0``."""
     ok = p_mask & (row >= 0) & (row < H) & (col >= 0) & (col < W)
-    tok = (prefix + row * W + col).to(tl.int64)
+    tok = (token0 + row * W + col).to(tl.int64)
     v = tl.load(base + tok[:, None] * stride_t + c[None, :], mask=ok[:, None] & c_mask[None, :],
                 other=0.0)
     return v.to(ACC)

@@ -46,6 +46,7 @@ def _device_guard(device: torch.device):
 class TritonBackend(FusedBackend):
     name = "triton"
     autotune = os.environ.get("SAEP_TRITON_AUTOTUNE", "1") != "0"
+    takes_packed_grids = True
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         modules, reason = _import_triton_kernels()
@@ -70,3 +71,22 @@ class TritonBackend(FusedBackend):
         with _device_guard(grad_out.device):
             backward.fused_aggregate_bwd(spec, grad_out, layers, weight, argmax, grad_layers,
                                          weight_parts, bias_parts)
+
+    def launch_forward_varlen(self, spec, layers, weight, bias, images, out, argmax):
+        from ..varlen import check_image_table  # varlen imports the backends
+
+        forward, _, _ = _kernels()
+        check_image_table(images, spec.tokens, spec.out_tokens)
+        with _device_guard(out.device):
+            forward.fused_aggregate_fwd(spec, layers, weight, bias, out, argmax, autotune=False,
+                                        images=images)
+
+    def launch_backward_varlen(self, spec, grad_out, layers, weight, argmax, images,
+                               grad_layers, weight_parts, bias_parts):
+        from ..varlen import check_image_table
+
+        _, backward, _ = _kernels()
+        check_image_table(images, spec.tokens, spec.out_tokens)
+        with _device_guard(grad_out.device):
+            backward.fused_aggregate_bwd(spec, grad_out, layers, weight, argmax, grad_layers,
+                                         weight_parts, bias_parts, images=images)
