@@ -368,29 +368,6 @@ struct DtypeEntryPoints {
   constexpr DtypeEntryPoints<PARAMS> NAME##_##ISA = {NAME##_f32_##ISA, NAME##_f64_##ISA,      \
                                                      NAME##_bf16_##ISA, NAME##_f16_##ISA};
 
-// Packed inputs: the starts of up to kBalancedRuns consecutive runs of tasks (and n at the
-// end), cut where the running sum of the tasks' pixels crosses a multiple of total / runs.
-constexpr int64_t kBalancedRuns = 64;
-template <typename Params>
-inline std::vector<int64_t> balanced_runs(const Params& p, int64_t n) {
-  const auto pixels = [&](int64_t t) {
-    const int64_t* row = p.images + (t / p.g.num_layers) * kImageFields;
-    return row[kImageHeight] * row[kImageWidth];
-  };
-  int64_t total = 0;
-  for (int64_t t = 0; t < n; ++t) total += pixels(t);
-  const int64_t runs = std::min<int64_t>(n, kBalancedRuns);
-  std::vector<int64_t> starts{0};
-  int64_t done = 0;
-  for (int64_t t = 0; t < n; ++t) {
-    done += pixels(t);
-    // cut after task t once the work so far reaches the next run's share
-    if (t + 1 < n && done * runs >= int64_t(starts.size()) * total) starts.push_back(t + 1);
-  }
-  starts.push_back(n);
-  return starts;
-}
-
 // A direction's entry points, NAME_entry_points[capability]: TASK over a range of tasks, one
 // non-template function per dtype and instruction set (each compiled with its target, the
 // kernels inlined into it).
@@ -418,16 +395,7 @@ inline void run_tasks(const Params& p, const ParallelFor& parallel_for,
                        : p.g.dtype == DType::BF16 ? isa.bf16
                        : p.g.dtype == DType::F16  ? isa.f16
                                                   : isa.f32;
-  const int64_t n = num_tasks(p.g);
-  if (p.images == nullptr) {  // every task the same size: the pool's even split is even work
-    parallel_for(n, [&](int64_t b, int64_t e) { fn(p, b, e); });
-    return;
-  }
-  // Packed images differ in size: hand the pool runs of tasks of about equal work (a task's
-  // pixels), so that its even split over the runs is an even split of the work.
-  const std::vector<int64_t> starts = balanced_runs(p, n);
-  parallel_for(int64_t(starts.size()) - 1,
-               [&](int64_t b, int64_t e) { fn(p, starts[size_t(b)], starts[size_t(e)]); });
+  parallel_for(num_tasks(p.g), [&](int64_t b, int64_t e) { fn(p, b, e); });
 }
 
 }  // namespace cpu
