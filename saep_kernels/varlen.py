@@ -376,7 +376,6 @@ def fused_aggregate_varlen(
             image.
         layout: ``"row_major"`` or ``"merge_2x2"`` (Qwen2-VL's order, even grids).
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpu"`` or ``"cuda"``.
-            not take packed grids yet).
 
     Returns:
         (out, out_offsets): the pooled tokens of all images, [sum_i ceil(H_i/2)*ceil(W_i/2),
