@@ -114,8 +114,8 @@ def test_matches_per_image_reference(mix, layout, pool, backend):
 
 def kernel_cases():
     """(backend, device, dtype, ksize): every kernel size in every dtype; in Triton's
-    interpreter (seconds a call at k=7) every dtype at k=3, and k=1 and 7 (the widest reach)
-    in fp32."""
+    interpreter (seconds a call at k=7) every dtype at k=3 and k=1 in fp32 (the widest reach,
+    k=7, is in test_no_tap_crosses_an_image)."""
     dtypes = [torch.float32, torch.bfloat16, torch.float16]
     cases = []
     for kernels in KERNELS:
@@ -123,7 +123,7 @@ def kernel_cases():
         interpreted = backend == "triton" and device == "cpu"
         for dtype in dtypes:
             for ksize in (1, 3, 5, 7):
-                if not interpreted or ksize == 3 or (dtype == torch.float32 and ksize != 5):
+                if not interpreted or ksize == 3 or (dtype == torch.float32 and ksize == 1):
                     cases.append(pytest.param(backend, device, dtype, ksize, marks=kernels.marks,
                                               id=f"{kernels.id}-{str(dtype)[6:]}-k{ksize}"))
     return cases
@@ -174,6 +174,9 @@ def test_gradcheck_fp64(backend, pool):
 def test_no_tap_crosses_an_image(backend, pool, image):
     """An image's outputs and gradients stay the same when its neighbours' tokens change, and
     its output gradient reaches no other image's tokens."""
+    if backend == "triton" and image == 1:
+        pytest.skip("Triton's interpreter is slow: the first and the last image cover reads "
+                    "past either end")
     grids, prefixes = [(3, 5), (4, 3), (2, 7)], [0, 0, 0]
     layers = 1 if backend == "triton" else 2  # the interpreter: a program per layer
     packed, _ = make_packed(grids, prefixes, 4, layers)
