@@ -21,19 +21,14 @@ classes, configs and checkpoints is in ``integrations.transformers``.
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 
 from ..modules import SAEPProjector
+from ..spec import num_output_tokens
 
 Tensor = torch.Tensor
-
-
-def pooled_tokens(grids: Sequence[Tuple[int, int]]) -> List[int]:
-    """Tokens SAEP emits per grid: ceil(H/2) * ceil(W/2)."""
-    return [math.ceil(h / 2) * math.ceil(w / 2) for h, w in grids]
 
 
 def pixtral_grids(image_sizes, patch_size: int) -> List[Tuple[int, int]]:
@@ -62,7 +57,7 @@ def pixtral_image_features(self, pixel_values, image_sizes=None, vision_feature_
     hidden = [out.hidden_states[i] for i in layers]
     features = self.multi_modal_projector.forward_varlen(hidden, grids, layout="row_major")
     out.pooler_output = torch.split(features.reshape(-1, features.shape[-1]),
-                                    pooled_tokens(grids))
+                                    [num_output_tokens(h, w) for h, w in grids])
     return out if return_dict else out.to_tuple()
 
 
