@@ -180,10 +180,14 @@ struct Packing<bf16, float> {
     v[0] = (Vec<float>)(u << 16);           // channels c, c + 2, ..., c + 30
     v[1] = (Vec<float>)(u & 0xffff0000u);   // channels c + 1, c + 3, ..., c + 31
   }
+  typedef int32_t SignedBits __attribute__((vector_size(64)));
   static SAEP_INLINE Bits round(Vec<float> v) {  // float_to_bf16, lane-wise
     const Bits u = (Bits)v;
     const Bits rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return select(Bits(v != v), Bits{} + 0x7fc0u, rounded);
+    // NaN tested on the bits: a float comparison written here would be lowered lane by lane
+    // (for this template's baseline target), an integer one is not
+    const Bits nan = (Bits)((SignedBits)(u & 0x7fffffffu) > 0x7f800000);
+    return select(nan, Bits{} + 0x7fc0u, rounded);
   }
   static SAEP_INLINE void store(bf16* p, const Vec<float>* v) {
     const Bits u = round(v[0]) | (round(v[1]) << 16);
@@ -331,6 +335,8 @@ template <typename A>
 struct Scratch {
   std::vector<A> w, wf, gw, gwf, gb, gz;
   std::vector<A> packed_w, packed_b;  // weights and bias in Packing's channel order
+  std::vector<A> ring;                 // the forward's staged input rows (StagedRows)
+  std::vector<A> held;                 // the forward's results of a group's first vectors
 };
 
 // Runs TaskFn<T, A>::run(params, task, scratch) over the tasks [begin, end), one scratch for
