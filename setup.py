@@ -16,6 +16,7 @@ Environment:
     MAX_JOBS                parallel compile jobs (ninja)
 """
 
+import glob
 import os
 import sys
 
@@ -47,8 +48,10 @@ def _extensions():
               "compiled kernels. Install torch first, then pip install --no-build-isolation .")
         return [], {}
 
+    # csrc/cpu/isa/: the CPU kernels again, for AVX2 and AVX-512 (csrc/cpu/task.h)
     sources = ["csrc/binding.cpp", "csrc/cpu/fused_aggregate_fwd.cpp",
-               "csrc/cpu/fused_aggregate_bwd.cpp", "csrc/cpu/cpu_capability.cpp"]
+               "csrc/cpu/fused_aggregate_bwd.cpp", "csrc/cpu/cpu_capability.cpp",
+               *sorted(glob.glob("csrc/cpu/isa/*.cpp"))]
     # no -std here: torch's BuildExtension adds the standard its own headers are written for
     # (C++17 or C++20 by torch version); the kernels compile under both
     cxx = ["-O3", "-Wno-unknown-pragmas"]

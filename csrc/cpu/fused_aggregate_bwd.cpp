@@ -16,6 +16,7 @@
 
 namespace saep {
 namespace cpu {
+namespace SAEP_CPU_ISA {
 namespace {
 
 // floor(n / 2) for any sign of n
@@ -282,13 +283,19 @@ struct BackwardTask {
   }
 };
 
-SAEP_DTYPE_ENTRY_POINTS(bwd, BwdParams, BackwardTask)
-
 }  // namespace
 
+SAEP_DTYPE_ENTRY_POINTS(bwd, BwdParams, BackwardTask)
+
+}  // namespace SAEP_CPU_ISA
+
+#if SAEP_CPU_ISA_IS_BASELINE
+SAEP_CPU_DISPATCH(bwd, BwdParams)
+
 void fused_aggregate_bwd(const BwdParams& p, const ParallelFor& parallel_for) {
-  run_tasks(p, parallel_for, bwd_entry_points);
+  run_tasks(p, parallel_for, bwd_by_capability);
 }
+#endif
 
 }  // namespace cpu
 }  // namespace saep

@@ -3,7 +3,9 @@
 //
 //   fused_aggregate_fwd.cpp   the forward (avg folded into one stride-2 conv; max)
 //   fused_aggregate_bwd.cpp   the backward, one function per gradient and pool mode
-//   task.h                    what both share: tasks, the per-task view, walkers, the avg fold
+//   task.h                    what both share: tasks, the per-task view, walkers, the avg fold,
+//                             and which instruction set a translation unit is compiled for
+//   isa/*.cpp                 the forward and the backward again, for AVX2 and AVX-512
 //   cpu_capability.cpp        which instruction set's entry points run
 #pragma once
 

@@ -14,6 +14,7 @@
 
 namespace saep {
 namespace cpu {
+namespace SAEP_CPU_ISA {
 namespace {
 
 // One window over the channels [c_begin, C): any extent, out-of-grid pixels skipped (the
@@ -452,13 +453,19 @@ struct ForwardTask {
   }
 };
 
-SAEP_DTYPE_ENTRY_POINTS(fwd, FwdParams, ForwardTask)
-
 }  // namespace
 
+SAEP_DTYPE_ENTRY_POINTS(fwd, FwdParams, ForwardTask)
+
+}  // namespace SAEP_CPU_ISA
+
+#if SAEP_CPU_ISA_IS_BASELINE
+SAEP_CPU_DISPATCH(fwd, FwdParams)
+
 void fused_aggregate_fwd(const FwdParams& p, const ParallelFor& parallel_for) {
-  run_tasks(p, parallel_for, fwd_entry_points);
+  run_tasks(p, parallel_for, fwd_by_capability);
 }
+#endif
 
 }  // namespace cpu
 }  // namespace saep

@@ -14,9 +14,19 @@
 //
 // Inner loops run over chunks of L channels with local accumulator arrays; for a full chunk
 // L is a compile-time trip count, so the loops unroll into SIMD registers (the tail of C
-// takes the same code with a runtime length). On x86-64 each entry point is compiled for
-// AVX-512, AVX2+FMA and baseline (SAEP_DTYPE_ENTRY_POINTS); the best this CPU runs is used
-// unless another is chosen (cpu_capability.cpp).
+// takes the same code with a runtime length).
+//
+// Instruction sets. On x86-64 each direction's kernels are compiled three times, by three
+// translation units: fused_aggregate_{fwd,bwd}.cpp for the baseline and csrc/cpu/isa/*.cpp,
+// which define SAEP_CPU_ISA_AVX2 or SAEP_CPU_ISA_AVX512 and include it, for AVX2+FMA
+// (x86-64-v3) and AVX-512 (x86-64-v4). From the end of this header's includes on, such a unit
+// is compiled for its instruction set (#pragma GCC target) and its code lives in the namespace
+// saep::cpu::avx2 or ::avx512 (::baseline), so no function is shared between the units. The
+// whole kernel, templates included, must be compiled for the target: GCC lowers the vector
+// compares and selects of a template defined for the baseline lane by lane (cmov, vpextrd)
+// even when it is inlined into an AVX-512 function. The baseline unit also holds the dispatch
+// (SAEP_CPU_DISPATCH): the best instruction set this CPU runs, unless another is chosen
+// (cpu_capability.cpp).
 //
 // avg pool: a kxk conv, the residual and the 2x2 average fold into one stride-2 (k+1)x(k+1)
 // depthwise conv (docs/op.md section 4, `fold_avg`): 16 multiply-adds per output for k=3
@@ -53,6 +63,65 @@
 namespace saep {
 namespace cpu {
 
+// ---- dispatch (compiled for the baseline, shared by the units)
+
+inline int64_t num_tasks(const Geometry& g) { return g.batch * g.num_layers; }
+
+template <typename Params>
+using ChunkFn = void (*)(const Params&, int64_t, int64_t);
+
+// One instruction set's entry points of a direction, one per dtype.
+template <typename Params>
+struct DtypeEntryPoints {
+  ChunkFn<Params> f32, f64, bf16, f16;
+};
+
+// Runs the entry point of the dtype and the capability in use over the problem's tasks.
+template <typename Params>
+inline void run_tasks(const Params& p, const ParallelFor& parallel_for,
+                      const DtypeEntryPoints<Params>* const (&entry_points)[kNumCpuCapabilities]) {
+  const DtypeEntryPoints<Params>& isa = *entry_points[static_cast<int>(cpu_capability())];
+  ChunkFn<Params> fn = p.g.dtype == DType::F64    ? isa.f64
+                       : p.g.dtype == DType::BF16 ? isa.bf16
+                       : p.g.dtype == DType::F16  ? isa.f16
+                                                  : isa.f32;
+  parallel_for(num_tasks(p.g), [&](int64_t b, int64_t e) { fn(p, b, e); });
+}
+
+}  // namespace cpu
+}  // namespace saep
+
+// ---- this unit's instruction set: the rest of the unit is compiled for it
+#if SAEP_CPU_MULTI_ISA && defined(SAEP_CPU_ISA_AVX512)
+#define SAEP_CPU_ISA avx512
+#define SAEP_CPU_ISA_IS_BASELINE 0
+#if defined(__clang__)
+#define SAEP_CPU_ISA_TARGET __attribute__((target("arch=x86-64-v4")))
+#else
+#define SAEP_CPU_ISA_TARGET
+#pragma GCC target("arch=x86-64-v4")
+#endif
+#elif SAEP_CPU_MULTI_ISA && defined(SAEP_CPU_ISA_AVX2)
+#define SAEP_CPU_ISA avx2
+#define SAEP_CPU_ISA_IS_BASELINE 0
+#if defined(__clang__)
+#define SAEP_CPU_ISA_TARGET __attribute__((target("arch=x86-64-v3")))
+#else
+#define SAEP_CPU_ISA_TARGET
+#pragma GCC target("arch=x86-64-v3")
+#endif
+#elif !defined(SAEP_CPU_ISA_AVX2) && !defined(SAEP_CPU_ISA_AVX512)
+#define SAEP_CPU_ISA baseline
+#define SAEP_CPU_ISA_IS_BASELINE 1
+#define SAEP_CPU_ISA_TARGET
+#else
+#error "csrc/cpu/isa/*.cpp compile only where SAEP_CPU_MULTI_ISA is 1"
+#endif
+
+namespace saep {
+namespace cpu {
+namespace SAEP_CPU_ISA {
+
 // Image b, layer l. Its geometry is the call's, with the image's own grid when the inputs are
 // packed (Params::images); the kernels read it from here, never from the call.
 struct Task {
@@ -64,7 +133,6 @@ struct Task {
   int64_t window;  // the output token of its window (0, 0)
 };
 
-inline int64_t num_tasks(const Geometry& g) { return g.batch * g.num_layers; }
 template <typename Params>
 inline Task task_at(const Params& p, int64_t t) {
   Task task{t / p.g.num_layers, int32_t(t % p.g.num_layers), p.g, p.images != nullptr, 0, 0};
@@ -180,13 +248,10 @@ struct Packing<bf16, float> {
     v[0] = (Vec<float>)(u << 16);           // channels c, c + 2, ..., c + 30
     v[1] = (Vec<float>)(u & 0xffff0000u);   // channels c + 1, c + 3, ..., c + 31
   }
-  typedef int32_t SignedBits __attribute__((vector_size(64)));
   static SAEP_INLINE Bits round(Vec<float> v) {  // float_to_bf16, lane-wise
     const Bits u = (Bits)v;
     const Bits rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    // NaN tested on the bits: a float comparison written here would be lowered lane by lane
-    // (for this template's baseline target), an integer one is not
-    const Bits nan = (Bits)((SignedBits)(u & 0x7fffffffu) > 0x7f800000);
+    const Bits nan = (Bits)(v != v);
     return select(nan, Bits{} + 0x7fc0u, rounded);
   }
   static SAEP_INLINE void store(bf16* p, const Vec<float>* v) {
@@ -349,60 +414,44 @@ SAEP_INLINE void run_chunk(const Params& p, int64_t begin, int64_t end) {
   for (int64_t t = begin; t < end; ++t) TaskFn<T, A>::run(p, task_at(p, t), s);
 }
 
-template <typename Params>
-using ChunkFn = void (*)(const Params&, int64_t, int64_t);
-
-// One instruction set's entry points of a direction, one per dtype.
-template <typename Params>
-struct DtypeEntryPoints {
-  ChunkFn<Params> f32, f64, bf16, f16;
-};
-
-#define SAEP_ENTRY_POINTS_FOR(NAME, ISA, TARGET, PARAMS, TASK)                                \
-  TARGET void NAME##_f32_##ISA(const PARAMS& p, int64_t b, int64_t e) {                       \
+// A direction's entry points in this unit's instruction set, NAME_entry_points: TASK over a
+// range of tasks, one non-template function per dtype (the kernels inlined into it).
+#define SAEP_DTYPE_ENTRY_POINTS(NAME, PARAMS, TASK)                                           \
+  SAEP_CPU_ISA_TARGET void NAME##_f32(const PARAMS& p, int64_t b, int64_t e) {                \
     run_chunk<TASK, float, float>(p, b, e);                                                   \
   }                                                                                           \
-  TARGET void NAME##_f64_##ISA(const PARAMS& p, int64_t b, int64_t e) {                       \
+  SAEP_CPU_ISA_TARGET void NAME##_f64(const PARAMS& p, int64_t b, int64_t e) {                \
     run_chunk<TASK, double, double>(p, b, e);                                                 \
   }                                                                                           \
-  TARGET void NAME##_bf16_##ISA(const PARAMS& p, int64_t b, int64_t e) {                      \
+  SAEP_CPU_ISA_TARGET void NAME##_bf16(const PARAMS& p, int64_t b, int64_t e) {               \
     run_chunk<TASK, bf16, float>(p, b, e);                                                    \
   }                                                                                           \
-  TARGET void NAME##_f16_##ISA(const PARAMS& p, int64_t b, int64_t e) {                       \
+  SAEP_CPU_ISA_TARGET void NAME##_f16(const PARAMS& p, int64_t b, int64_t e) {                \
     run_chunk<TASK, f16, float>(p, b, e);                                                     \
   }                                                                                           \
-  constexpr DtypeEntryPoints<PARAMS> NAME##_##ISA = {NAME##_f32_##ISA, NAME##_f64_##ISA,      \
-                                                     NAME##_bf16_##ISA, NAME##_f16_##ISA};
+  extern const DtypeEntryPoints<PARAMS> NAME##_entry_points = {NAME##_f32, NAME##_f64,       \
+                                                               NAME##_bf16, NAME##_f16};
 
-// A direction's entry points, NAME_entry_points[capability]: TASK over a range of tasks, one
-// non-template function per dtype and instruction set (each compiled with its target, the
-// kernels inlined into it).
-#if SAEP_CPU_MULTI_ISA
-#define SAEP_DTYPE_ENTRY_POINTS(NAME, PARAMS, TASK)                                           \
-  SAEP_ENTRY_POINTS_FOR(NAME, default, , PARAMS, TASK)                                        \
-  SAEP_ENTRY_POINTS_FOR(NAME, avx2, __attribute__((target("arch=x86-64-v3"))), PARAMS, TASK) \
-  SAEP_ENTRY_POINTS_FOR(NAME, avx512, __attribute__((target("arch=x86-64-v4"))), PARAMS,     \
-                        TASK)                                                                 \
-  constexpr DtypeEntryPoints<PARAMS> NAME##_entry_points[kNumCpuCapabilities] = {             \
-      NAME##_default, NAME##_avx2, NAME##_avx512};
-#else
-#define SAEP_DTYPE_ENTRY_POINTS(NAME, PARAMS, TASK)                                           \
-  SAEP_ENTRY_POINTS_FOR(NAME, default, , PARAMS, TASK)                                        \
-  constexpr DtypeEntryPoints<PARAMS> NAME##_entry_points[kNumCpuCapabilities] = {             \
-      NAME##_default, NAME##_default, NAME##_default};
-#endif
-
-// Runs the entry point of the dtype and the capability in use over the problem's tasks.
-template <typename Params>
-inline void run_tasks(const Params& p, const ParallelFor& parallel_for,
-                      const DtypeEntryPoints<Params> (&entry_points)[kNumCpuCapabilities]) {
-  const DtypeEntryPoints<Params>& isa = entry_points[static_cast<int>(cpu_capability())];
-  ChunkFn<Params> fn = p.g.dtype == DType::F64    ? isa.f64
-                       : p.g.dtype == DType::BF16 ? isa.bf16
-                       : p.g.dtype == DType::F16  ? isa.f16
-                                                  : isa.f32;
-  parallel_for(num_tasks(p.g), [&](int64_t b, int64_t e) { fn(p, b, e); });
-}
-
+}  // namespace SAEP_CPU_ISA
 }  // namespace cpu
 }  // namespace saep
+
+// In the baseline unit: every instruction set's NAME_entry_points, by capability (the
+// baseline's for those not compiled), as NAME_by_capability.
+#if SAEP_CPU_MULTI_ISA
+#define SAEP_CPU_DISPATCH(NAME, PARAMS)                                                       \
+  namespace avx2 {                                                                            \
+  extern const DtypeEntryPoints<PARAMS> NAME##_entry_points;                                  \
+  }                                                                                           \
+  namespace avx512 {                                                                          \
+  extern const DtypeEntryPoints<PARAMS> NAME##_entry_points;                                  \
+  }                                                                                           \
+  const DtypeEntryPoints<PARAMS>* const NAME##_by_capability[kNumCpuCapabilities] = {         \
+      &baseline::NAME##_entry_points, &avx2::NAME##_entry_points,                             \
+      &avx512::NAME##_entry_points};
+#else
+#define SAEP_CPU_DISPATCH(NAME, PARAMS)                                                       \
+  const DtypeEntryPoints<PARAMS>* const NAME##_by_capability[kNumCpuCapabilities] = {         \
+      &baseline::NAME##_entry_points, &baseline::NAME##_entry_points,                         \
+      &baseline::NAME##_entry_points};
+#endif
