@@ -178,6 +178,7 @@ template <typename A>
 struct VecOf {
   static constexpr int kLanes = int(64 / sizeof(A));
   typedef A type __attribute__((vector_size(64)));
+  typedef decltype(type{} > type{}) Mask;  // lane masks: integers of A's width
 };
 template <typename A>
 using Vec = typename VecOf<A>::type;
@@ -402,6 +403,7 @@ struct Scratch {
   std::vector<A> packed_w, packed_b;  // weights and bias in Packing's channel order
   std::vector<A> ring;                 // the forward's staged input rows (StagedRows)
   std::vector<A> held;                 // the forward's results of a group's first vectors
+  std::vector<uint8_t> held_code;      // and the max forward's argmax codes of them
 };
 
 // Runs TaskFn<T, A>::run(params, task, scratch) over the tasks [begin, end), one scratch for
