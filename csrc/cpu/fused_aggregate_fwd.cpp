@@ -203,6 +203,32 @@ SAEP_INLINE void for_staged_strips(const View<T, A>& v, Scratch<A>& s, F&& windo
   }
 }
 
+// Weight rows (rows of them, ws apart, C channels used) and the bias (may be null) in
+// Packing's channel order, block b's at b * VL: the arguments themselves where Packing keeps
+// the input's order, else deinterleaved copies in s.packed_w and s.packed_b.
+template <typename A>
+struct PackedWeights {
+  const A* w;
+  const A* bias;
+};
+
+template <typename T, typename A>
+SAEP_INLINE PackedWeights<A> pack_weights(Scratch<A>& s, const A* w, int64_t rows, int64_t ws,
+                                          int64_t C, const A* bias) {
+  using P = Packing<T, A>;
+  if constexpr (!P::kDeinterleaved) {
+    return {w, bias};
+  } else {
+    s.packed_w.resize(size_t(rows * ws));
+    for (int64_t row = 0; row < rows; ++row)
+      P::deinterleave(w + row * ws, s.packed_w.data() + row * ws, C);
+    if (!bias) return {s.packed_w.data(), nullptr};
+    s.packed_b.resize(size_t(C));
+    P::deinterleave(bias, s.packed_b.data(), C);
+    return {s.packed_w.data(), s.packed_b.data()};
+  }
+}
+
 // NW neighbouring windows' folded conv for one vector block from the staged rows, their
 // patches all in the grid (window i's starts 2 i columns right of window 0's, at col): each the
 // bias, then the K1 x K1 taps in order, the order avg_window adds them. The windows' sums are
@@ -241,19 +267,9 @@ SAEP_INLINE void avg_forward_staged(const View<T, A>& v, const A* bias, T* out, 
   constexpr int kWindows = 4;
   const int64_t ws = v.ws;
   // the folded weights and the bias in Packing's channel order: block b's are at b * VL
-  const A* packed_w = s.wf.data();
-  const A* packed_b = bias;
-  if constexpr (P::kDeinterleaved) {
-    s.packed_w.resize(size_t(4 * K1 * K1 * ws));
-    for (int64_t row = 0; row < 4 * K1 * K1; ++row)
-      P::deinterleave(s.wf.data() + row * ws, s.packed_w.data() + row * ws, v.C);
-    packed_w = s.packed_w.data();
-    if (bias) {
-      s.packed_b.resize(size_t(v.C));
-      P::deinterleave(bias, s.packed_b.data(), v.C);
-      packed_b = s.packed_b.data();
-    }
-  }
+  const PackedWeights<A> packed = pack_weights<T>(s, s.wf.data(), 4 * K1 * K1, ws, v.C, bias);
+  const A* const packed_w = packed.w;
+  const A* const packed_b = packed.bias;
   s.held.resize(size_t(P::kVecs * v.Wo * VL));
   for_staged_strips<K1>(v, s, [&](int64_t oi, int64_t oj0, int64_t oj1,
                                   const StagedRows<T, A>& st) SAEP_LAMBDA_INLINE {
@@ -355,7 +371,6 @@ SAEP_INLINE int64_t avg_window_pair(const View<T, A>& v, const A* wv, int64_t ws
 template <int K1, typename T, typename A>
 SAEP_INLINE void avg_forward_windows(const View<T, A>& v, const A* bias, T* out,
                                      Scratch<A>& s) {
-  using P = Packing<T, A>;
   // Window pairs for bf16 only: measured (cpu_kernel_bench, llava15-7b B=8, 2 threads,
   // interleaved) 15% faster than avg_window in bf16 but 60% slower in fp32, where a pair's 24
   // pixel rows 4 KB apart share one L1 set.
@@ -363,21 +378,9 @@ SAEP_INLINE void avg_forward_windows(const View<T, A>& v, const A* bias, T* out,
   // the pair kernel's weights: one row of C (+ padding) per variant and tap, in Packing's
   // channel order
   const int64_t ws = v.ws;
-  const A* packed_w = s.wf.data();
-  if constexpr (P::kDeinterleaved) {
-    s.packed_w.resize(size_t(4 * K1 * K1 * ws));
-    for (int64_t row = 0; row < 4 * K1 * K1; ++row)
-      P::deinterleave(s.wf.data() + row * ws, s.packed_w.data() + row * ws, v.C);
-    packed_w = s.packed_w.data();
-  }
-  const A* packed_b = bias;
-  if constexpr (P::kDeinterleaved) {
-    if (bias) {
-      s.packed_b.resize(size_t(v.C));
-      P::deinterleave(bias, s.packed_b.data(), v.C);
-      packed_b = s.packed_b.data();
-    }
-  }
+  const PackedWeights<A> packed = pack_weights<T>(s, s.wf.data(), 4 * K1 * K1, ws, v.C, bias);
+  const A* const packed_w = packed.w;
+  const A* const packed_b = packed.bias;
   for (int64_t oi = 0; oi < v.Ho; ++oi) {
     for (int64_t oj = 0; oj < v.Wo; ++oj) {
       const int64_t wofs = variant_of(v.g, oi, oj) * K1 * K1 * ws;
@@ -503,19 +506,9 @@ SAEP_INLINE void max_forward_staged(const View<T, A>& v, const A* bias, T* out, 
   constexpr int K = K1 - 1, VL = vec_lanes<A>();
   const int64_t ws = v.ws;
   // the weights and the bias in Packing's channel order: block b's are at b * VL
-  const A* packed_w = s.w.data();
-  const A* packed_b = bias;
-  if constexpr (P::kDeinterleaved) {
-    s.packed_w.resize(size_t(K * K * ws));
-    for (int64_t row = 0; row < K * K; ++row)
-      P::deinterleave(s.w.data() + row * ws, s.packed_w.data() + row * ws, v.C);
-    packed_w = s.packed_w.data();
-    if (bias) {
-      s.packed_b.resize(size_t(v.C));
-      P::deinterleave(bias, s.packed_b.data(), v.C);
-      packed_b = s.packed_b.data();
-    }
-  }
+  const PackedWeights<A> packed = pack_weights<T>(s, s.w.data(), K * K, ws, v.C, bias);
+  const A* const packed_w = packed.w;
+  const A* const packed_b = packed.bias;
   s.held.resize(size_t(P::kVecs * v.Wo * VL));
   s.held_code.resize(size_t(v.Wo * VL));
   for_staged_strips<K1>(v, s, [&](int64_t oi, int64_t oj0, int64_t oj1,
