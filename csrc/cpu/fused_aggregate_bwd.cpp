@@ -3,8 +3,15 @@
 //
 //   avg_input_grad    grad_x gathers g_y through the folded kernels (the transposed forward)
 //   avg_weight_grad   g_y * x over each window's (k+1)x(k+1) patch, unfolded at the end
-//   max_input_grad    grad_x from a ring of k rows of g_z, per block of 256 channels
-//   max_weight_grad   g_z * x a window at a time, per block of 256 channels
+//   max_input_grad_staged
+//                     grad_x from a ring of k rows of g_z (Packing's channel order), the k x k
+//                     weights in registers along a pixel row, four pixels at a time
+//   max_input_grad    the same from a ring of the channels past the last full vector group
+//   max_weight_grad_staged
+//                     g_z * x from the staged input rows (StagedRows, as the max forward),
+//                     the k x k accumulators in registers along a window row
+//   max_weight_grad   the same a window at a time from the input in place (the channels past
+//                     the last full vector group)
 //   bias_grad         the sum of g_y over the windows
 //
 // g_z is the pool's gradient at the conv output (g_y / count for avg, g_y where the saved
@@ -21,8 +28,6 @@ namespace {
 
 // floor(n / 2) for any sign of n
 inline int64_t floor_half(int64_t n) { return n >= 0 ? n / 2 : -((1 - n) / 2); }
-
-constexpr int64_t kMaxBlock = 256;  // channels per block of the max backward
 
 // What one backward task reads and writes.
 template <typename T, typename A>
@@ -142,16 +147,16 @@ SAEP_INLINE void avg_weight_grad(GradTask<T, A>& t) {
 }
 
 // grad_x(i, j) = residual * g_z(i, j) + sum_{u,v} w[u, v] * g_z(i - u + p, j - v + p) for the
-// channels [c0, c0 + cn) of a block of cb. Pixel row i reads g_z rows i - p .. i + p: g_z is
-// built a row at a time into a ring of k rows, so every element is built once.
+// channels [c0, c0 + cn). Pixel row i reads g_z rows i - p .. i + p: g_z is built a row at a
+// time into a ring of k rows, so every element is built once.
 template <typename T, typename A>
-SAEP_INLINE void max_input_grad(GradTask<T, A>& t, int64_t c0, int64_t cn, int64_t cb) {
+SAEP_INLINE void max_input_grad(GradTask<T, A>& t, int64_t c0, int64_t cn) {
   const View<T, A>& v = t.v;
   const int k = v.k, pad = v.pad;
   constexpr int L = lanes<A>() / 2;
-  // g_z pixels padded_stride(cb) apart in the ring (cb apart, a power of two, the k*k pixels
-  // a grad_x chunk reads and its weight rows would share L1 sets)
-  const int64_t px_stride = padded_stride<A>(cb), row_len = v.W * px_stride;
+  // g_z pixels padded_stride(cn) apart in the ring (so that the k*k pixels a grad_x chunk
+  // reads and its weight rows do not share L1 sets)
+  const int64_t px_stride = padded_stride<A>(cn), row_len = v.W * px_stride;
   t.s.gz.resize(size_t(k * row_len));
   A* ring = t.s.gz.data();
   auto build_row = [&](int64_t r) {
@@ -243,6 +248,243 @@ SAEP_INLINE void max_weight_grad(GradTask<T, A>& t, int64_t c0, int64_t cn) {
   }
 }
 
+// The saved argmax codes of one Packing group's channels, as lane masks' integers in Packing's
+// channel order (code[q] for the group's vector q).
+template <typename T, typename A>
+SAEP_INLINE void load_codes(const uint8_t* am,
+                            typename VecOf<A>::Mask (&code)[Packing<T, A>::kVecs]) {
+  using P = Packing<T, A>;
+  using M = typename VecOf<A>::Mask;
+  constexpr int VL = vec_lanes<A>();
+  using Halves = typename IntVec<uint16_t, VL>::type;
+  if constexpr (P::kVecs == 1) {
+    // widened through 16-bit lanes: GCC 12 lowers a direct conversion of bytes to 32- or
+    // 64-bit lanes lane by lane (68 instructions instead of 12 for 16 lanes)
+    typename IntVec<uint8_t, VL>::type bytes;
+    std::memcpy(&bytes, am, VL);
+    code[0] = __builtin_convertvector(__builtin_convertvector(bytes, Halves), M);
+  } else {
+    static_assert(P::kVecs == 2 && P::kDeinterleaved, "even/odd channel halves");
+    Halves pairs;  // channel 2i's code in the low byte
+    std::memcpy(&pairs, am, 2 * VL);
+    code[0] = __builtin_convertvector(pairs & 0xff, M);
+    code[1] = __builtin_convertvector(pairs >> 8, M);
+  }
+}
+
+// g_y and the saved argmax of one window for vector block b of Packing's channel order (group
+// at gy and am, its vector q = b % kVecs), as g_z at the window's four positions: gz[d] is g_y
+// where the argmax is d = window_code(dy, dx), else 0.
+template <typename T, typename A>
+SAEP_INLINE void window_gz(const T* gy, const uint8_t* am, int q, Vec<A> (&gz)[4]) {
+  using P = Packing<T, A>;
+  using M = typename VecOf<A>::Mask;
+  Vec<A> g[P::kVecs];
+  P::load(gy, g);
+  M code[P::kVecs];
+  load_codes<T, A>(am, code);
+#pragma GCC unroll 4
+  for (int d = 0; d < 4; ++d) gz[d] = select(code[q] == (M{} + d), g[q], Vec<A>{});
+}
+
+// grad_x for the channels of full Packing groups, as max_input_grad but with g_z in Packing's
+// channel order in a ring of k rows of the whole width and channels: pixel row by pixel row,
+// and in each one vector block at a time, the k x k weights stay in registers while the row's
+// pixels slide along. Each sum adds in max_input_grad's order.
+template <int K1, typename T, typename A>
+SAEP_INLINE void max_input_grad_staged(GradTask<T, A>& t) {
+  using P = Packing<T, A>;
+  using M = typename VecOf<A>::Mask;
+  constexpr int K = K1 - 1, pad = K / 2, VL = vec_lanes<A>();
+  constexpr int kPixels = 4;  // pixels computed together
+  const View<T, A>& v = t.v;
+  const int64_t ws = v.ws, groups = v.C / P::kStep, blocks = groups * P::kVecs;
+  const int64_t ps = padded_stride<A>(v.C), row_len = v.W * ps;
+  const A* const packed_w = pack_weights<T, A>(t.s, t.w, K * K, ws, v.C, nullptr).w;
+  t.s.gz.resize(size_t(K * row_len));
+  A* ring = t.s.gz.data();
+  t.s.held.resize(size_t(P::kVecs * v.W * VL));
+  // g_z row r into its slot: pixel (r, j) holds its window's g_y where the argmax is its
+  // position, else 0
+  auto build_row = [&](int64_t r) SAEP_LAMBDA_INLINE {
+    A* dst = ring + (r % K) * row_len;
+    for (int64_t j = 0; j < v.W; ++j) {
+      const int64_t widx = (r / 2) * v.Wo + j / 2;
+      const T* gp = t.gy + widx * t.gst;
+      const uint8_t* ap = t.am + widx * v.kc;
+      const M here = M{} + window_code(int(r & 1), int(j & 1));
+      A* d = dst + j * ps;
+      for (int64_t g = 0; g < groups; ++g) {
+        Vec<A> gy[P::kVecs];
+        P::load(gp + g * P::kStep, gy);
+        M code[P::kVecs];
+        load_codes<T, A>(ap + g * P::kStep, code);
+        for (int q = 0; q < P::kVecs; ++q)
+          VecIO<A, A>::store(d + (g * P::kVecs + q) * VL, select(code[q] == here, gy[q], Vec<A>{}));
+      }
+    }
+  };
+  for (int64_t r = 0; r < std::min<int64_t>(pad, v.H); ++r) build_row(r);
+  for (int64_t i = 0; i < v.H; ++i) {
+    if (i + pad < v.H) build_row(i + pad);
+    const A* rows[K];  // rows[u]: g_z row i - u + p, or nullptr out of grid
+    for (int u = 0; u < K; ++u) {
+      const int64_t i2 = i - u + pad;
+      rows[u] = i2 >= 0 && i2 < v.H ? ring + (i2 % K) * row_len : nullptr;
+    }
+    T* o_row = t.gx + i * v.W * v.C;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t c_group = (b / P::kVecs) * P::kStep;
+      const int q = int(b % P::kVecs);
+      Vec<A> w[K][K];
+#pragma GCC unroll 64
+      for (int u = 0; u < K; ++u)
+#pragma GCC unroll 16
+        for (int e = 0; e < K; ++e)
+          w[u][e] = VecIO<A, A>::load(packed_w + (u * K + e) * ws + b * VL);
+      const int64_t col = b * VL;
+      for (int64_t j = 0; j < v.W;) {
+        if (j >= pad && j + kPixels - 1 + pad < v.W) {
+          // kPixels pixels whose taps are all in the grid: independent chains, interleaved tap
+          // by tap so that the FMA latency of one overlaps the others
+          Vec<A> acc[kPixels];
+#pragma GCC unroll 8
+          for (int i = 0; i < kPixels; ++i)
+            acc[i] = t.g.residual ? VecIO<A, A>::load(rows[pad] + (j + i) * ps + col) : Vec<A>{};
+#pragma GCC unroll 16
+          for (int u = 0; u < K; ++u) {
+            if (!rows[u]) continue;
+#pragma GCC unroll 16
+            for (int e = 0; e < K; ++e)
+#pragma GCC unroll 8
+              for (int i = 0; i < kPixels; ++i)
+                acc[i] += w[u][e] * VecIO<A, A>::load(rows[u] + (j + i - e + pad) * ps + col);
+          }
+#pragma GCC unroll 8
+          for (int i = 0; i < kPixels; ++i)
+            store_block<T, A>(t.s, v.W, q, j + i, acc[i], o_row + (j + i) * v.C + c_group);
+          j += kPixels;
+          continue;
+        }
+        Vec<A> acc = t.g.residual ? VecIO<A, A>::load(rows[pad] + j * ps + col) : Vec<A>{};
+#pragma GCC unroll 16
+        for (int u = 0; u < K; ++u) {
+          if (!rows[u]) continue;
+#pragma GCC unroll 16
+          for (int e = 0; e < K; ++e) {
+            const int64_t j2 = j - e + pad;
+            if (j2 < 0 || j2 >= v.W) continue;
+            acc += w[u][e] * VecIO<A, A>::load(rows[u] + j2 * ps + col);
+          }
+        }
+        store_block<T, A>(t.s, v.W, q, j, acc, o_row + j * v.C + c_group);
+        ++j;
+      }
+    }
+  }
+}
+
+// One window's share of grad_w for one vector block from the staged rows: for each tap (u, e)
+// acc[u][e] += gz[d] * x(patch row dy + u, column dx + e) over the positions d = (dy, dx) in
+// order, as max_weight_grad adds them. kInside: the window's K1 x K1 patch and its four
+// positions are all in the grid; else the in-grid patch rows [a_lo, a_hi), columns
+// [e_lo, e_hi) and positions (dy < rows_in, dx < cols_in) only. The patch is read a row at a
+// time, each pixel once for the taps and positions that use it.
+template <int K1, bool kInside, typename A>
+SAEP_INLINE void max_weight_grad_window(const A* const* rows, int64_t col, int64_t ps,
+                                        const Vec<A> (&gz)[4], Vec<A> (&acc)[K1 - 1][K1 - 1],
+                                        int rows_in, int cols_in, int a_lo, int a_hi, int e_lo,
+                                        int e_hi) {
+  constexpr int K = K1 - 1;
+#pragma GCC unroll 16
+  for (int a = 0; a < K1; ++a) {
+    if (!kInside && (a < a_lo || a >= a_hi)) continue;
+    Vec<A> x[K1] = {};  // (the edge kernel reads only the in-grid ones)
+#pragma GCC unroll 16
+    for (int c = 0; c < K1; ++c)
+      if (kInside || (c >= e_lo && c < e_hi)) x[c] = VecIO<A, A>::load(rows[a] + col + c * ps);
+#pragma GCC unroll 2
+    for (int dy = 0; dy < 2; ++dy) {
+      const int u = a - dy;
+      if (u < 0 || u >= K || (!kInside && dy >= rows_in)) continue;
+#pragma GCC unroll 2
+      for (int dx = 0; dx < 2; ++dx) {
+        if (!kInside && dx >= cols_in) continue;
+#pragma GCC unroll 16
+        for (int e = 0; e < K; ++e)
+          if (kInside || (dx + e >= e_lo && dx + e < e_hi))
+            acc[u][e] += gz[2 * dy + dx] * x[dx + e];
+      }
+    }
+  }
+}
+
+// grad_w for the channels of full Packing groups, from the staged rows: window row by window
+// row, and in each one vector block at a time, the k x k accumulators stay in registers while
+// the row's windows slide along. Windows are walked in raster order (one strip of the whole
+// width), so each sum adds in max_weight_grad's order. t.gw is in Packing's channel order while
+// this runs and back in channel order after.
+template <int K1, typename T, typename A>
+SAEP_INLINE void max_weight_grad_staged(GradTask<T, A>& t) {
+  using P = Packing<T, A>;
+  constexpr int K = K1 - 1, VL = vec_lanes<A>();
+  const View<T, A>& v = t.v;
+  const int64_t ws = v.ws;
+  StagedRows<T, A> st(v.C, v.W, K1, t.s.ring);
+  st.j_lo = 0;
+  st.cols = v.W;
+  const int64_t ps = st.px_stride;
+  int64_t next_row = 0;  // the first input row not staged yet
+  for (int64_t oi = 0; oi < v.Ho; ++oi) {
+    const int64_t r0 = 2 * oi - v.pad;
+    const int64_t r_end = std::min<int64_t>(v.H, r0 + K1);
+    for (int64_t r = std::max(next_row, r0); r < r_end; ++r) st.stage(v, r, K1);
+    next_row = std::max(next_row, r_end);
+    const int a_lo = int(std::max<int64_t>(0, -r0)), a_hi = int(std::min<int64_t>(K1, v.H - r0));
+    const int rows_in = 1 + int(2 * oi + 1 < v.H);
+    const A* rows[K1];
+    for (int a = a_lo; a < a_hi; ++a) rows[a] = st.slot(r0 + a, K1);
+    const Prefetch next = st.next_rows(v, r0 + K1);
+    for (int64_t b = 0; b < st.blocks; ++b) {
+      next.block(b, st.blocks);
+      const int64_t c_group = (b / P::kVecs) * P::kStep;
+      const int q = int(b % P::kVecs);
+      Vec<A> acc[K][K];
+#pragma GCC unroll 64
+      for (int u = 0; u < K; ++u)
+#pragma GCC unroll 16
+        for (int e = 0; e < K; ++e) acc[u][e] = VecIO<A, A>::load(t.gw + (u * K + e) * ws + b * VL);
+      for (int64_t oj = 0; oj < v.Wo; ++oj) {
+        const int64_t widx = oi * v.Wo + oj;
+        Vec<A> gz[4];
+        window_gz<T, A>(t.gy + widx * t.gst + c_group, t.am + widx * v.kc + c_group, q, gz);
+        const int64_t j0 = 2 * oj - v.pad;
+        const int e_lo = int(std::max<int64_t>(0, -j0));
+        const int e_hi = int(std::min<int64_t>(K1, v.W - j0));
+        const int cols_in = 1 + int(2 * oj + 1 < v.W);
+        const int64_t col = j0 * ps + b * VL;
+        if (rows_in == 2 && cols_in == 2 && a_lo == 0 && a_hi == K1 && e_lo == 0 && e_hi == K1)
+          max_weight_grad_window<K1, true>(rows, col, ps, gz, acc, 2, 2, 0, K1, 0, K1);
+        else
+          max_weight_grad_window<K1, false>(rows, col, ps, gz, acc, rows_in, cols_in, a_lo, a_hi,
+                                            e_lo, e_hi);
+      }
+#pragma GCC unroll 64
+      for (int u = 0; u < K; ++u)
+#pragma GCC unroll 16
+        for (int e = 0; e < K; ++e) VecIO<A, A>::store(t.gw + (u * K + e) * ws + b * VL, acc[u][e]);
+    }
+  }
+  if constexpr (P::kDeinterleaved) {
+    std::vector<A>& row = t.s.gwf;  // a row in channel order
+    row.resize(size_t(v.C));
+    for (int tap = 0; tap < K * K; ++tap) {
+      P::interleave(t.gw + tap * ws, row.data(), v.C);
+      std::copy_n(row.data(), v.C, t.gw + tap * ws);
+    }
+  }
+}
+
 // The sum of g_z over a window's pixels is its g_y: grad_b sums g_y directly.
 template <typename T, typename A>
 SAEP_INLINE void bias_grad(GradTask<T, A>& t, A* part) {
@@ -264,14 +506,26 @@ struct BackwardTask {
       fold_avg(t.g, s.w, s.wf);
       if (t.gx) avg_input_grad(t);
       if (t.gw) avg_weight_grad(t);
-    } else if (t.gx || t.gw) {
-      // The image is walked once per block of channels so that the block's input rows and g_z
-      // rows stay in L2 and its weights and weight-gradient accumulators in L1.
-      const int64_t cb = std::min<int64_t>(C, kMaxBlock);
-      for (int64_t c0 = 0; c0 < C; c0 += cb) {
-        const int64_t cn = std::min<int64_t>(cb, C - c0);
-        if (t.gx) max_input_grad(t, c0, cn, cb);
-        if (t.gw) max_weight_grad(t, c0, cn);
+    } else {
+      // the channels past the last full Packing group: max_input_grad and max_weight_grad
+      const int64_t c_tail = C / Packing<T, A>::kStep * Packing<T, A>::kStep;
+      if (t.gx) {
+        switch (t.v.k1) {
+          case 2: max_input_grad_staged<2>(t); break;
+          case 4: max_input_grad_staged<4>(t); break;
+          case 6: max_input_grad_staged<6>(t); break;
+          default: max_input_grad_staged<8>(t); break;
+        }
+        if (c_tail < C) max_input_grad(t, c_tail, C - c_tail);
+      }
+      if (t.gw) {
+        switch (t.v.k1) {
+          case 2: max_weight_grad_staged<2>(t); break;
+          case 4: max_weight_grad_staged<4>(t); break;
+          case 6: max_weight_grad_staged<6>(t); break;
+          default: max_weight_grad_staged<8>(t); break;
+        }
+        if (c_tail < C) max_weight_grad(t, c_tail, C - c_tail);
       }
     }
     if (t.gw) {

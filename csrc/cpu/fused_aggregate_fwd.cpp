@@ -83,96 +83,6 @@ SAEP_INLINE void max_window(const View<T, A>& v, const A* w, const A* bias, int6
   });
 }
 
-// The input bytes the next window row will stage, fetched into L2 in slices while this row's
-// blocks compute, so that reading memory overlaps the arithmetic (staging alone reads a burst
-// and computes nothing, which the hardware prefetchers do not hide).
-struct Prefetch {
-  const char* begin[2];
-  int64_t lines[2];
-  SAEP_INLINE void block(int64_t b, int64_t blocks) const {
-    for (int i = 0; i < 2; ++i) {
-      const int64_t per = (lines[i] + blocks - 1) / blocks;
-      const int64_t l0 = b * per, l1 = std::min(lines[i], l0 + per);
-      for (int64_t l = l0; l < l1; ++l) __builtin_prefetch(begin[i] + l * 64, 0, 2);
-    }
-  }
-};
-
-// The input rows one window row reads (its K1 = k + 1 patch rows), converted to the compute
-// type once, in Packing's channel order (block b, a vector of lanes, holds packed channels
-// [b * VL, (b + 1) * VL)), pixels padded_stride(C) apart: a window's patch pixels, C * e bytes
-// apart in the input (which puts them all into one or two L1 sets), fall into different sets
-// here. The rows are a ring: input row r is slot r % K1, and the next window row stages only
-// its two new rows. The columns are those of a strip of windows.
-//
-// Reading order: staging reads each new row's pixels of the strip whole and in order (a
-// strip's width of tokens, which the prefetchers stream) and writes them in order; the
-// windows then read the slots from L1/L2, one vector block at a time.
-template <typename T, typename A>
-struct StagedRows {
-  using P = Packing<T, A>;
-  int64_t groups;      // full Packing groups of channels staged (the rest is the tail)
-  int64_t blocks;      // groups * kVecs vector blocks
-  int64_t j_lo, cols;  // the strip's input columns [j_lo, j_lo + cols)
-  int64_t px_stride;   // padded_stride(C)
-  int64_t slot_stride;
-  A* data;
-
-  StagedRows(int64_t C, int64_t max_cols, int k1, std::vector<A>& buf)
-      : groups(C / P::kStep), blocks(groups * P::kVecs), j_lo(0), cols(0),
-        px_stride(padded_stride<A>(C)), slot_stride(max_cols * px_stride) {
-    if (buf.size() < size_t(k1 * slot_stride)) buf.resize(size_t(k1 * slot_stride));
-    data = buf.data();
-  }
-  // the staged pixel of input row r, strip column 0
-  const A* slot(int64_t r, int k1) const { return data + (r % k1) * slot_stride; }
-  // input rows r and r + 1 (those in the grid), columns [j_lo, j_lo + cols), when the row's
-  // pixels are contiguous (token stride C); nothing otherwise
-  template <typename View_>
-  Prefetch next_rows(const View_& v, int64_t r) const {
-    Prefetch p{{nullptr, nullptr}, {0, 0}};
-    for (int i = 0; i < 2; ++i)
-      if (v.st == v.C && r + i < v.H) {
-        p.begin[i] = reinterpret_cast<const char*>(v.px(r + i, j_lo));
-        p.lines[i] = (cols * v.C * int64_t(sizeof(T)) + 63) / 64;
-      }
-    return p;
-  }
-  // input row r, columns [j_lo, j_lo + cols), into its slot
-  template <typename View_>
-  SAEP_INLINE void stage(const View_& v, int64_t r, int k1) {
-    A* dst = data + (r % k1) * slot_stride;
-    for (int64_t j = 0; j < cols; ++j) {
-      const T* px = v.px(r, j_lo + j);
-      A* d = dst + j * px_stride;
-      for (int64_t g = 0; g < groups; ++g) {
-        Vec<A> x[P::kVecs];
-        P::load(px + g * P::kStep, x);
-        for (int q = 0; q < P::kVecs; ++q)
-          VecIO<A, A>::store(d + (g * P::kVecs + q) * vec_lanes<A>(), x[q]);
-      }
-    }
-  }
-};
-
-// A group's vectors are computed one block (vector) at a time; the first kVecs - 1 wait in
-// held (one per window of the row) until the group's last is done and all are stored
-// together.
-template <typename T, typename A>
-SAEP_INLINE void store_block(Scratch<A>& s, int64_t Wo, int q, int64_t oj, Vec<A> r, T* o) {
-  using P = Packing<T, A>;
-  constexpr int VL = vec_lanes<A>();
-  if (q + 1 < P::kVecs) {
-    VecIO<A, A>::store(s.held.data() + (q * Wo + oj) * VL, r);
-    return;
-  }
-  Vec<A> all[P::kVecs];
-  for (int h = 0; h + 1 < P::kVecs; ++h)
-    all[h] = VecIO<A, A>::load(s.held.data() + (h * Wo + oj) * VL);
-  all[P::kVecs - 1] = r;
-  P::store(o, all);
-}
-
 // The windows of one staged strip are walked in strips of columns so that the ring stays in
 // L2: at most this many bytes of staged rows.
 constexpr int64_t kStagedBytes = int64_t(640) << 10;
@@ -200,32 +110,6 @@ SAEP_INLINE void for_staged_strips(const View<T, A>& v, Scratch<A>& s, F&& windo
       next_row = std::max(next_row, r_end);
       window_row(oi, oj0, oj1, st);
     }
-  }
-}
-
-// Weight rows (rows of them, ws apart, C channels used) and the bias (may be null) in
-// Packing's channel order, block b's at b * VL: the arguments themselves where Packing keeps
-// the input's order, else deinterleaved copies in s.packed_w and s.packed_b.
-template <typename A>
-struct PackedWeights {
-  const A* w;
-  const A* bias;
-};
-
-template <typename T, typename A>
-SAEP_INLINE PackedWeights<A> pack_weights(Scratch<A>& s, const A* w, int64_t rows, int64_t ws,
-                                          int64_t C, const A* bias) {
-  using P = Packing<T, A>;
-  if constexpr (!P::kDeinterleaved) {
-    return {w, bias};
-  } else {
-    s.packed_w.resize(size_t(rows * ws));
-    for (int64_t row = 0; row < rows; ++row)
-      P::deinterleave(w + row * ws, s.packed_w.data() + row * ws, C);
-    if (!bias) return {s.packed_w.data(), nullptr};
-    s.packed_b.resize(size_t(C));
-    P::deinterleave(bias, s.packed_b.data(), C);
-    return {s.packed_w.data(), s.packed_b.data()};
   }
 }
 
@@ -426,12 +310,6 @@ SAEP_INLINE void avg_forward(const View<T, A>& v, const A* bias, T* out, Scratch
 }
 
 // ---- max from the staged rows
-
-// N integers of type I as a vector (the argmax codes' stores)
-template <typename I, int N>
-struct IntVec {
-  typedef I type __attribute__((vector_size(N * sizeof(I))));
-};
 
 // The running maximum: takes position d's value z where it is larger than best or NaN (a NaN
 // wins, as in torch.max_pool2d; the rule of max_window), with its window_code.

@@ -4,13 +4,14 @@
 // stride 1, any batch/token stride) and owns a disjoint slice of every output, so tasks run
 // in any order on any thread with the same result.
 //
-// Memory order. A task walks its image window by window (forward) or pixel by pixel
-// (backward) and, for each, runs over all C channels: every token row is read whole and in
-// order, the pattern the hardware prefetchers stream at full bandwidth, and every output
-// row is written whole. (Walking the image once per block of a few cache lines of channels
-// instead reads them every C*sizeof(T) bytes: measured here at a quarter of the bandwidth;
-// the max backward's 256-channel blocks are long enough runs to stream.) The rows a window
-// needs are reused from cache by its neighbours.
+// Memory order. Every input row is read whole and in order, the pattern the hardware
+// prefetchers stream at full bandwidth. The staged kernels (StagedRows, and the max backward's
+// g_z ring) copy the rows a window row or pixel row needs into a ring in scratch memory,
+// converted and in Packing's channel order, and walk the ring one vector block of channels at
+// a time, the weights or the weight-gradient accumulators in registers; the others walk the
+// image window by window or pixel by pixel, each over all C channels. (Walking the input in
+// place once per block of a few cache lines of channels instead reads it every C*sizeof(T)
+// bytes: measured here at a quarter of the bandwidth.)
 //
 // Inner loops run over chunks of L channels with local accumulator arrays; for a full chunk
 // L is a compile-time trip count, so the loops unroll into SIMD registers (the tail of C
@@ -192,6 +193,12 @@ SAEP_INLINE Vec<A> vec_set1(A v) {
   return Vec<A>{} + v;
 }
 
+// N integers of type I as a vector (the argmax codes' loads and stores)
+template <typename I, int N>
+struct IntVec {
+  typedef I type __attribute__((vector_size(N * sizeof(I))));
+};
+
 // take ? a : b lane-wise, for a lane mask take (all bits set or clear), by bitwise logic
 // (a vector ?: on 64-byte vectors is split lane by lane on targets without 64-byte registers)
 template <typename V, typename M>
@@ -267,6 +274,16 @@ struct Packing<bf16, float> {
       for (int q = 0; q < 16; ++q) {
         dst[c0 + q] = src[c0 + 2 * q];
         dst[c0 + 16 + q] = src[c0 + 2 * q + 1];
+      }
+    for (; c0 < C; ++c0) dst[c0] = src[c0];
+  }
+  // the inverse: back to channel order
+  static void interleave(const float* src, float* dst, int64_t C) {
+    int64_t c0 = 0;
+    for (; c0 + 32 <= C; c0 += 32)
+      for (int q = 0; q < 16; ++q) {
+        dst[c0 + 2 * q] = src[c0 + q];
+        dst[c0 + 2 * q + 1] = src[c0 + 16 + q];
       }
     for (; c0 < C; ++c0) dst[c0] = src[c0];
   }
@@ -396,15 +413,131 @@ SAEP_INLINE void fold_avg(const Geometry& g, const std::vector<A>& w, std::vecto
   }
 }
 
+// The input bytes the next window row will stage, fetched into L2 in slices while this row's
+// blocks compute, so that reading memory overlaps the arithmetic (staging alone reads a burst
+// and computes nothing, which the hardware prefetchers do not hide).
+struct Prefetch {
+  const char* begin[2];
+  int64_t lines[2];
+  SAEP_INLINE void block(int64_t b, int64_t blocks) const {
+    for (int i = 0; i < 2; ++i) {
+      const int64_t per = (lines[i] + blocks - 1) / blocks;
+      const int64_t l0 = b * per, l1 = std::min(lines[i], l0 + per);
+      for (int64_t l = l0; l < l1; ++l) __builtin_prefetch(begin[i] + l * 64, 0, 2);
+    }
+  }
+};
+
+// The input rows one window row reads (its K1 = k + 1 patch rows), converted to the compute
+// type once, in Packing's channel order (block b, a vector of lanes, holds packed channels
+// [b * VL, (b + 1) * VL)), pixels padded_stride(C) apart: a window's patch pixels, C * e bytes
+// apart in the input (which puts them all into one or two L1 sets), fall into different sets
+// here. The rows are a ring: input row r is slot r % K1, and the next window row stages only
+// its two new rows. The columns are those of a strip of windows.
+//
+// Reading order: staging reads each new row's pixels of the strip whole and in order (a
+// strip's width of tokens, which the prefetchers stream) and writes them in order; the
+// windows then read the slots from L1/L2, one vector block at a time.
+template <typename T, typename A>
+struct StagedRows {
+  using P = Packing<T, A>;
+  int64_t groups;      // full Packing groups of channels staged (the rest is the tail)
+  int64_t blocks;      // groups * kVecs vector blocks
+  int64_t j_lo, cols;  // the strip's input columns [j_lo, j_lo + cols)
+  int64_t px_stride;   // padded_stride(C)
+  int64_t slot_stride;
+  A* data;
+
+  StagedRows(int64_t C, int64_t max_cols, int k1, std::vector<A>& buf)
+      : groups(C / P::kStep), blocks(groups * P::kVecs), j_lo(0), cols(0),
+        px_stride(padded_stride<A>(C)), slot_stride(max_cols * px_stride) {
+    if (buf.size() < size_t(k1 * slot_stride)) buf.resize(size_t(k1 * slot_stride));
+    data = buf.data();
+  }
+  // the staged pixel of input row r, strip column 0
+  const A* slot(int64_t r, int k1) const { return data + (r % k1) * slot_stride; }
+  // input rows r and r + 1 (those in the grid), columns [j_lo, j_lo + cols), when the row's
+  // pixels are contiguous (token stride C); nothing otherwise
+  template <typename View_>
+  Prefetch next_rows(const View_& v, int64_t r) const {
+    Prefetch p{{nullptr, nullptr}, {0, 0}};
+    for (int i = 0; i < 2; ++i)
+      if (v.st == v.C && r + i < v.H) {
+        p.begin[i] = reinterpret_cast<const char*>(v.px(r + i, j_lo));
+        p.lines[i] = (cols * v.C * int64_t(sizeof(T)) + 63) / 64;
+      }
+    return p;
+  }
+  // input row r, columns [j_lo, j_lo + cols), into its slot
+  template <typename View_>
+  SAEP_INLINE void stage(const View_& v, int64_t r, int k1) {
+    A* dst = data + (r % k1) * slot_stride;
+    for (int64_t j = 0; j < cols; ++j) {
+      const T* px = v.px(r, j_lo + j);
+      A* d = dst + j * px_stride;
+      for (int64_t g = 0; g < groups; ++g) {
+        Vec<A> x[P::kVecs];
+        P::load(px + g * P::kStep, x);
+        for (int q = 0; q < P::kVecs; ++q)
+          VecIO<A, A>::store(d + (g * P::kVecs + q) * vec_lanes<A>(), x[q]);
+      }
+    }
+  }
+};
+
 // Per-thread scratch memory, reused by the tasks a thread runs.
 template <typename A>
 struct Scratch {
   std::vector<A> w, wf, gw, gwf, gb, gz;
   std::vector<A> packed_w, packed_b;  // weights and bias in Packing's channel order
   std::vector<A> ring;                 // the forward's staged input rows (StagedRows)
-  std::vector<A> held;                 // the forward's results of a group's first vectors
+  std::vector<A> held;                 // results of a group's first vectors (store_block)
   std::vector<uint8_t> held_code;      // and the max forward's argmax codes of them
 };
+
+// A group's vectors are computed one block (vector) at a time, for each of a row's n outputs
+// (windows or pixels); the first kVecs - 1 wait in s.held until the group's last is done and
+// all are stored together: vector q of output i goes to o.
+template <typename T, typename A>
+SAEP_INLINE void store_block(Scratch<A>& s, int64_t n, int q, int64_t i, Vec<A> r, T* o) {
+  using P = Packing<T, A>;
+  constexpr int VL = vec_lanes<A>();
+  if (q + 1 < P::kVecs) {
+    VecIO<A, A>::store(s.held.data() + (q * n + i) * VL, r);
+    return;
+  }
+  Vec<A> all[P::kVecs];
+  for (int h = 0; h + 1 < P::kVecs; ++h)
+    all[h] = VecIO<A, A>::load(s.held.data() + (h * n + i) * VL);
+  all[P::kVecs - 1] = r;
+  P::store(o, all);
+}
+
+// Weight rows (rows of them, ws apart, C channels used) and the bias (may be null) in
+// Packing's channel order, block b's at b * VL: the arguments themselves where Packing keeps
+// the input's order, else deinterleaved copies in s.packed_w and s.packed_b.
+template <typename A>
+struct PackedWeights {
+  const A* w;
+  const A* bias;
+};
+
+template <typename T, typename A>
+SAEP_INLINE PackedWeights<A> pack_weights(Scratch<A>& s, const A* w, int64_t rows, int64_t ws,
+                                          int64_t C, const A* bias) {
+  using P = Packing<T, A>;
+  if constexpr (!P::kDeinterleaved) {
+    return {w, bias};
+  } else {
+    s.packed_w.resize(size_t(rows * ws));
+    for (int64_t row = 0; row < rows; ++row)
+      P::deinterleave(w + row * ws, s.packed_w.data() + row * ws, C);
+    if (!bias) return {s.packed_w.data(), nullptr};
+    s.packed_b.resize(size_t(C));
+    P::deinterleave(bias, s.packed_b.data(), C);
+    return {s.packed_w.data(), s.packed_b.data()};
+  }
+}
 
 // Runs TaskFn<T, A>::run(params, task, scratch) over the tasks [begin, end), one scratch for
 // them all. (A per-thread scratch kept between calls saves a small problem the page faults of
