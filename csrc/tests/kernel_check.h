@@ -247,8 +247,9 @@ constexpr Variant kVariants[] = {
 
 // The problems every backend is checked on: each dtype x kernel size x pool x residual with
 // the next variant, then the empty batch, a 27x27 grid, a wide grid of 200 channels, grids
-// with interior windows (whole patch in the grid) for every kernel size and pool, and more than one
-// 256-channel block of the CPU max backward with a ragged last block.
+// with interior windows (whole patch in the grid) for every kernel size and pool, and 300
+// channels for max pooling (many vector groups of the staged CPU kernels, and a tail of channels
+// past the last full group).
 inline std::vector<Problem> standard_problems() {
   std::vector<Problem> out;
   size_t n = 0;
