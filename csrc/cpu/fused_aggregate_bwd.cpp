@@ -337,11 +337,7 @@ SAEP_INLINE void max_input_grad_staged(GradTask<T, A>& t) {
       const int64_t c_group = (b / P::kVecs) * P::kStep;
       const int q = int(b % P::kVecs);
       Vec<A> w[K][K];
-#pragma GCC unroll 64
-      for (int u = 0; u < K; ++u)
-#pragma GCC unroll 16
-        for (int e = 0; e < K; ++e)
-          w[u][e] = VecIO<A, A>::load(packed_w + (u * K + e) * ws + b * VL);
+      load_taps<K>(packed_w, ws, b, w);
       const int64_t col = b * VL;
       for (int64_t j = 0; j < v.W;) {
         if (j >= pad && j + kPixels - 1 + pad < v.W) {
@@ -430,16 +426,12 @@ SAEP_INLINE void max_weight_grad_staged(GradTask<T, A>& t) {
   constexpr int K = K1 - 1, VL = vec_lanes<A>();
   const View<T, A>& v = t.v;
   const int64_t ws = v.ws;
-  StagedRows<T, A> st(v.C, v.W, K1, t.s.ring);
-  st.j_lo = 0;
-  st.cols = v.W;
-  const int64_t ps = st.px_stride;
-  int64_t next_row = 0;  // the first input row not staged yet
-  for (int64_t oi = 0; oi < v.Ho; ++oi) {
+  // one strip of the whole width: windows in raster order
+  constexpr int64_t kWholeWidth = std::numeric_limits<int64_t>::max();
+  for_staged_strips<K1>(v, t.s, kWholeWidth, [&](int64_t oi, int64_t, int64_t,
+                                                  const StagedRows<T, A>& st) SAEP_LAMBDA_INLINE {
+    const int64_t ps = st.px_stride;
     const int64_t r0 = 2 * oi - v.pad;
-    const int64_t r_end = std::min<int64_t>(v.H, r0 + K1);
-    for (int64_t r = std::max(next_row, r0); r < r_end; ++r) st.stage(v, r, K1);
-    next_row = std::max(next_row, r_end);
     const int a_lo = int(std::max<int64_t>(0, -r0)), a_hi = int(std::min<int64_t>(K1, v.H - r0));
     const int rows_in = 1 + int(2 * oi + 1 < v.H);
     const A* rows[K1];
@@ -450,10 +442,7 @@ SAEP_INLINE void max_weight_grad_staged(GradTask<T, A>& t) {
       const int64_t c_group = (b / P::kVecs) * P::kStep;
       const int q = int(b % P::kVecs);
       Vec<A> acc[K][K];
-#pragma GCC unroll 64
-      for (int u = 0; u < K; ++u)
-#pragma GCC unroll 16
-        for (int e = 0; e < K; ++e) acc[u][e] = VecIO<A, A>::load(t.gw + (u * K + e) * ws + b * VL);
+      load_taps<K>(t.gw, ws, b, acc);
       for (int64_t oj = 0; oj < v.Wo; ++oj) {
         const int64_t widx = oi * v.Wo + oj;
         Vec<A> gz[4];
@@ -462,19 +451,16 @@ SAEP_INLINE void max_weight_grad_staged(GradTask<T, A>& t) {
         const int e_lo = int(std::max<int64_t>(0, -j0));
         const int e_hi = int(std::min<int64_t>(K1, v.W - j0));
         const int cols_in = 1 + int(2 * oj + 1 < v.W);
-        const int64_t col = j0 * ps + b * VL;
+        const int64_t col = (j0 - st.j_lo) * ps + b * VL;
         if (rows_in == 2 && cols_in == 2 && a_lo == 0 && a_hi == K1 && e_lo == 0 && e_hi == K1)
           max_weight_grad_window<K1, true>(rows, col, ps, gz, acc, 2, 2, 0, K1, 0, K1);
         else
           max_weight_grad_window<K1, false>(rows, col, ps, gz, acc, rows_in, cols_in, a_lo, a_hi,
                                             e_lo, e_hi);
       }
-#pragma GCC unroll 64
-      for (int u = 0; u < K; ++u)
-#pragma GCC unroll 16
-        for (int e = 0; e < K; ++e) VecIO<A, A>::store(t.gw + (u * K + e) * ws + b * VL, acc[u][e]);
+      store_taps<K>(t.gw, ws, b, acc);
     }
-  }
+  });
   if constexpr (P::kDeinterleaved) {
     std::vector<A>& row = t.s.gwf;  // a row in channel order
     row.resize(size_t(v.C));
@@ -509,24 +495,12 @@ struct BackwardTask {
     } else {
       // the channels past the last full Packing group: max_input_grad and max_weight_grad
       const int64_t c_tail = C / Packing<T, A>::kStep * Packing<T, A>::kStep;
-      if (t.gx) {
-        switch (t.v.k1) {
-          case 2: max_input_grad_staged<2>(t); break;
-          case 4: max_input_grad_staged<4>(t); break;
-          case 6: max_input_grad_staged<6>(t); break;
-          default: max_input_grad_staged<8>(t); break;
-        }
-        if (c_tail < C) max_input_grad(t, c_tail, C - c_tail);
-      }
-      if (t.gw) {
-        switch (t.v.k1) {
-          case 2: max_weight_grad_staged<2>(t); break;
-          case 4: max_weight_grad_staged<4>(t); break;
-          case 6: max_weight_grad_staged<6>(t); break;
-          default: max_weight_grad_staged<8>(t); break;
-        }
-        if (c_tail < C) max_weight_grad(t, c_tail, C - c_tail);
-      }
+      with_patch_size(t.v.k1, [&](auto k1) SAEP_LAMBDA_INLINE {
+        if (t.gx) max_input_grad_staged<decltype(k1)::value>(t);
+        if (t.gw) max_weight_grad_staged<decltype(k1)::value>(t);
+      });
+      if (c_tail < C && t.gx) max_input_grad(t, c_tail, C - c_tail);
+      if (c_tail < C && t.gw) max_weight_grad(t, c_tail, C - c_tail);
     }
     if (t.gw) {
       const int taps = t.g.ksize * t.g.ksize;

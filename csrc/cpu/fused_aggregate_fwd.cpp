@@ -83,36 +83,6 @@ SAEP_INLINE void max_window(const View<T, A>& v, const A* w, const A* bias, int6
   });
 }
 
-// The windows of one staged strip are walked in strips of columns so that the ring stays in
-// L2: at most this many bytes of staged rows.
-constexpr int64_t kStagedBytes = int64_t(640) << 10;
-
-// Walks the windows in column strips (one strip when the staged rows of the whole width fit in
-// kStagedBytes), and in each strip row by row: stages the rows window row oi reads that are not
-// staged yet, then calls window_row(oi, oj_begin, oj_end, staged).
-template <int K1, typename T, typename A, typename F>
-SAEP_INLINE void for_staged_strips(const View<T, A>& v, Scratch<A>& s, F&& window_row) {
-  const int64_t col_bytes = std::max<int64_t>(1, v.C) * int64_t(sizeof(A)) * K1;
-  const int64_t fit_cols = std::max<int64_t>(K1, kStagedBytes / col_bytes);
-  // a strip of n windows reads at most 2n + K1 - 2 columns
-  const int64_t strip_windows =
-      fit_cols >= v.W ? v.Wo : std::max<int64_t>(1, (fit_cols - K1 + 2) / 2);
-  StagedRows<T, A> st(v.C, std::min<int64_t>(v.W, 2 * strip_windows + K1 - 2), K1, s.ring);
-  for (int64_t oj0 = 0; oj0 < v.Wo; oj0 += strip_windows) {
-    const int64_t oj1 = std::min(v.Wo, oj0 + strip_windows);
-    st.j_lo = std::max<int64_t>(0, 2 * oj0 - v.pad);
-    st.cols = std::min<int64_t>(v.W, 2 * (oj1 - 1) - v.pad + K1) - st.j_lo;
-    int64_t next_row = 0;  // the first input row not staged yet
-    for (int64_t oi = 0; oi < v.Ho; ++oi) {
-      const int64_t r0 = 2 * oi - v.pad;
-      const int64_t r_end = std::min<int64_t>(v.H, r0 + K1);
-      for (int64_t r = std::max(next_row, r0); r < r_end; ++r) st.stage(v, r, K1);
-      next_row = std::max(next_row, r_end);
-      window_row(oi, oj0, oj1, st);
-    }
-  }
-}
-
 // NW neighbouring windows' folded conv for one vector block from the staged rows, their
 // patches all in the grid (window i's starts 2 i columns right of window 0's, at col): each the
 // bias, then the K1 x K1 taps in order, the order avg_window adds them. The windows' sums are
@@ -155,7 +125,7 @@ SAEP_INLINE void avg_forward_staged(const View<T, A>& v, const A* bias, T* out, 
   const A* const packed_w = packed.w;
   const A* const packed_b = packed.bias;
   s.held.resize(size_t(P::kVecs * v.Wo * VL));
-  for_staged_strips<K1>(v, s, [&](int64_t oi, int64_t oj0, int64_t oj1,
+  for_staged_strips<K1>(v, s, kStagedBytes, [&](int64_t oi, int64_t oj0, int64_t oj1,
                                   const StagedRows<T, A>& st) SAEP_LAMBDA_INLINE {
     const int64_t r0 = 2 * oi - v.pad;
     const int a_lo = int(std::max<int64_t>(0, -r0)), a_hi = int(std::min<int64_t>(K1, v.H - r0));
@@ -301,12 +271,9 @@ SAEP_INLINE void avg_forward_k(const View<T, A>& v, const A* bias, T* out, Scrat
 template <typename T, typename A>
 SAEP_INLINE void avg_forward(const View<T, A>& v, const A* bias, T* out, Scratch<A>& s) {
   fold_avg(v.g, s.w, s.wf);
-  switch (v.k1) {
-    case 2: return avg_forward_k<2>(v, bias, out, s);
-    case 4: return avg_forward_k<4>(v, bias, out, s);
-    case 6: return avg_forward_k<6>(v, bias, out, s);
-    default: return avg_forward_k<8>(v, bias, out, s);
-  }
+  with_patch_size(v.k1, [&](auto k1) SAEP_LAMBDA_INLINE {
+    avg_forward_k<decltype(k1)::value>(v, bias, out, s);
+  });
 }
 
 // ---- max from the staged rows
@@ -389,7 +356,7 @@ SAEP_INLINE void max_forward_staged(const View<T, A>& v, const A* bias, T* out, 
   const A* const packed_b = packed.bias;
   s.held.resize(size_t(P::kVecs * v.Wo * VL));
   s.held_code.resize(size_t(v.Wo * VL));
-  for_staged_strips<K1>(v, s, [&](int64_t oi, int64_t oj0, int64_t oj1,
+  for_staged_strips<K1>(v, s, kStagedBytes, [&](int64_t oi, int64_t oj0, int64_t oj1,
                                   const StagedRows<T, A>& st) SAEP_LAMBDA_INLINE {
     const int64_t r0 = 2 * oi - v.pad;
     const int a_lo = int(std::max<int64_t>(0, -r0)), a_hi = int(std::min<int64_t>(K1, v.H - r0));
@@ -404,11 +371,7 @@ SAEP_INLINE void max_forward_staged(const View<T, A>& v, const A* bias, T* out, 
       const int64_t g = b / P::kVecs;
       const int q = int(b % P::kVecs);
       Vec<A> w[K][K];
-#pragma GCC unroll 64
-      for (int u = 0; u < K; ++u)
-#pragma GCC unroll 16
-        for (int e = 0; e < K; ++e)
-          w[u][e] = VecIO<A, A>::load(packed_w + (u * K + e) * ws + b * VL);
+      load_taps<K>(packed_w, ws, b, w);
       const Vec<A> b0 = packed_b ? VecIO<A, A>::load(packed_b + b * VL) : Vec<A>{};
       for (int64_t oj = oj0; oj < oj1; ++oj) {
         const int64_t j0 = 2 * oj - v.pad;
@@ -466,20 +429,12 @@ SAEP_INLINE void max_forward_staged(const View<T, A>& v, const A* bias, T* out, 
 template <typename T, typename A>
 SAEP_INLINE void max_forward(const View<T, A>& v, const A* bias, T* out, uint8_t* argmax,
                              Scratch<A>& s) {
-  if (v.g.residual) {
-    switch (v.k1) {
-      case 2: return max_forward_staged<2, true>(v, bias, out, argmax, s);
-      case 4: return max_forward_staged<4, true>(v, bias, out, argmax, s);
-      case 6: return max_forward_staged<6, true>(v, bias, out, argmax, s);
-      default: return max_forward_staged<8, true>(v, bias, out, argmax, s);
-    }
-  }
-  switch (v.k1) {
-    case 2: return max_forward_staged<2, false>(v, bias, out, argmax, s);
-    case 4: return max_forward_staged<4, false>(v, bias, out, argmax, s);
-    case 6: return max_forward_staged<6, false>(v, bias, out, argmax, s);
-    default: return max_forward_staged<8, false>(v, bias, out, argmax, s);
-  }
+  with_patch_size(v.k1, [&](auto k1) SAEP_LAMBDA_INLINE {
+    if (v.g.residual)
+      max_forward_staged<decltype(k1)::value, true>(v, bias, out, argmax, s);
+    else
+      max_forward_staged<decltype(k1)::value, false>(v, bias, out, argmax, s);
+  });
 }
 
 template <typename T, typename A>

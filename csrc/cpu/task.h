@@ -43,6 +43,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -494,6 +495,68 @@ struct Scratch {
   std::vector<A> held;                 // results of a group's first vectors (store_block)
   std::vector<uint8_t> held_code;      // and the max forward's argmax codes of them
 };
+
+// The windows of one staged strip are walked in strips of columns so that the ring stays in
+// L2: at most this many bytes of staged rows (the forward's strips).
+constexpr int64_t kStagedBytes = int64_t(640) << 10;
+
+// Walks the windows in column strips (one strip when the staged rows of the whole width fit in
+// staged_bytes), and in each strip row by row: stages the rows window row oi reads that are not
+// staged yet, then calls window_row(oi, oj_begin, oj_end, staged).
+template <int K1, typename T, typename A, typename F>
+SAEP_INLINE void for_staged_strips(const View<T, A>& v, Scratch<A>& s, int64_t staged_bytes,
+                                   F&& window_row) {
+  const int64_t col_bytes = std::max<int64_t>(1, v.C) * int64_t(sizeof(A)) * K1;
+  const int64_t fit_cols = std::max<int64_t>(K1, staged_bytes / col_bytes);
+  // a strip of n windows reads at most 2n + K1 - 2 columns
+  const int64_t strip_windows =
+      fit_cols >= v.W ? v.Wo : std::max<int64_t>(1, (fit_cols - K1 + 2) / 2);
+  StagedRows<T, A> st(v.C, std::min<int64_t>(v.W, 2 * strip_windows + K1 - 2), K1, s.ring);
+  for (int64_t oj0 = 0; oj0 < v.Wo; oj0 += strip_windows) {
+    const int64_t oj1 = std::min(v.Wo, oj0 + strip_windows);
+    st.j_lo = std::max<int64_t>(0, 2 * oj0 - v.pad);
+    st.cols = std::min<int64_t>(v.W, 2 * (oj1 - 1) - v.pad + K1) - st.j_lo;
+    int64_t next_row = 0;  // the first input row not staged yet
+    for (int64_t oi = 0; oi < v.Ho; ++oi) {
+      const int64_t r0 = 2 * oi - v.pad;
+      const int64_t r_end = std::min<int64_t>(v.H, r0 + K1);
+      for (int64_t r = std::max(next_row, r0); r < r_end; ++r) st.stage(v, r, K1);
+      next_row = std::max(next_row, r_end);
+      window_row(oi, oj0, oj1, st);
+    }
+  }
+}
+
+// Calls f(std::integral_constant<int, K1>{}) for the patch size K1 = k + 1 (2, 4, 6 or 8), so
+// that a kernel's loops over taps have compile-time trip counts.
+template <typename F>
+SAEP_INLINE void with_patch_size(int k1, F&& f) {
+  switch (k1) {
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+
+// Vector block b of K x K per-tap rows (weights or weight-gradient accumulators; tap (u, e)'s
+// row at (u * K + e) * ws) into registers, and back.
+template <int K, typename A>
+SAEP_INLINE void load_taps(const A* rows, int64_t ws, int64_t b, Vec<A> (&v)[K][K]) {
+#pragma GCC unroll 64
+  for (int u = 0; u < K; ++u)
+#pragma GCC unroll 16
+    for (int e = 0; e < K; ++e)
+      v[u][e] = VecIO<A, A>::load(rows + (u * K + e) * ws + b * vec_lanes<A>());
+}
+template <int K, typename A>
+SAEP_INLINE void store_taps(A* rows, int64_t ws, int64_t b, const Vec<A> (&v)[K][K]) {
+#pragma GCC unroll 64
+  for (int u = 0; u < K; ++u)
+#pragma GCC unroll 16
+    for (int e = 0; e < K; ++e)
+      VecIO<A, A>::store(rows + (u * K + e) * ws + b * vec_lanes<A>(), v[u][e]);
+}
 
 // A group's vectors are computed one block (vector) at a time, for each of a row's n outputs
 // (windows or pixels); the first kVecs - 1 wait in s.held until the group's last is done and
