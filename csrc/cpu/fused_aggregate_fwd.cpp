@@ -289,28 +289,41 @@ SAEP_INLINE void max_take(Vec<A> z, int d, Vec<A>& best, M& code) {
 
 // One window's max for one vector block from the staged rows, at the grid's edge: each in-grid
 // position (dy, dx) of the window is the bias, the residual and the in-grid k x k taps in the
-// order max_window adds them, the weights read from wk (tap (u, e) at (u * k + e) * ws).
-template <int K1, typename A, typename M>
-SAEP_INLINE void max_staged_edge(const A* const* rows, int64_t col, int64_t ps, const A* wk,
-                                 int64_t ws, Vec<A> b0, bool residual, int rows_in, int cols_in,
-                                 int a_lo, int a_hi, int e_lo, int e_hi, Vec<A>& best, M& code) {
+// order max_window adds them, the weights w in registers. The four positions' sums are
+// interleaved tap by tap as in max_staged_inside; a tap or position outside the grid is
+// skipped (not added as a zero, which would turn -0 into +0 and 0 * inf into NaN).
+template <int K1, bool kResidual, typename A, typename M>
+SAEP_INLINE void max_staged_edge(const A* const* rows, int64_t col, int64_t ps,
+                                 const Vec<A> (&w)[K1 - 1][K1 - 1], Vec<A> b0, int rows_in,
+                                 int cols_in, int a_lo, int a_hi, int e_lo, int e_hi,
+                                 Vec<A>& best, M& code) {
   constexpr int K = K1 - 1, pad = K / 2;
+  // the patch rows and columns in the grid, as bits
+  const unsigned row_in = (1u << a_hi) - (1u << a_lo);
+  const unsigned col_in = (1u << e_hi) - (1u << e_lo);
+  const auto position_in = [&](int d) { return (d >> 1) < rows_in && (d & 1) < cols_in; };
+  Vec<A> z[4];
+#pragma GCC unroll 4
   for (int d = 0; d < 4; ++d) {
-    const int dy = d >> 1, dx = d & 1;
-    if (dy >= rows_in || dx >= cols_in) continue;  // partial window of an odd grid
-    Vec<A> z = b0;
-    if (residual) z += VecIO<A, A>::load(rows[dy + pad] + col + (dx + pad) * ps);
-    for (int u = std::max(0, a_lo - dy); u < std::min(K, a_hi - dy); ++u)
-      for (int e = std::max(0, e_lo - dx); e < std::min(K, e_hi - dx); ++e)
-        z += VecIO<A, A>::load(rows[dy + u] + col + (dx + e) * ps) *
-             VecIO<A, A>::load(wk + (u * K + e) * ws);
-    if (d == 0) {
-      best = z;
-      code = M{};
-    } else {
-      max_take<A, M>(z, d, best, code);
-    }
+    z[d] = b0;
+    if (kResidual && position_in(d))
+      z[d] += VecIO<A, A>::load(rows[(d >> 1) + pad] + col + ((d & 1) + pad) * ps);
   }
+#pragma GCC unroll 16
+  for (int u = 0; u < K; ++u)
+#pragma GCC unroll 16
+    for (int e = 0; e < K; ++e)
+#pragma GCC unroll 4
+      for (int d = 0; d < 4; ++d) {
+        const int a = (d >> 1) + u, c = (d & 1) + e;
+        if (position_in(d) && ((row_in >> a) & (col_in >> c) & 1u))
+          z[d] += VecIO<A, A>::load(rows[a] + col + c * ps) * w[u][e];
+      }
+  best = z[0];
+  code = M{};
+#pragma GCC unroll 4
+  for (int d = 1; d < 4; ++d)
+    if (position_in(d)) max_take<A, M>(z[d], d, best, code);
 }
 
 // The same for a window whose K1 x K1 patch is all in the grid, the weights w in registers:
@@ -373,45 +386,45 @@ SAEP_INLINE void max_forward_staged(const View<T, A>& v, const A* bias, T* out, 
       Vec<A> w[K][K];
       load_taps<K>(packed_w, ws, b, w);
       const Vec<A> b0 = packed_b ? VecIO<A, A>::load(packed_b + b * VL) : Vec<A>{};
+      // window oj's max and argmax code: the max goes out with its group, the codes wait in
+      // Packing's order until the group's last vector, then go out in channel order
+      const auto put = [&](int64_t oj, Vec<A> best, M code) SAEP_LAMBDA_INLINE {
+        store_block<T, A>(s, v.Wo, q, oj, best, o_row + oj * v.kc + g * P::kStep);
+        if (!am_row) return;
+        using Bytes = typename IntVec<uint8_t, VL>::type;
+        const Bytes bytes = __builtin_convertvector(code, Bytes);
+        uint8_t* am = am_row + oj * v.kc + g * P::kStep;
+        if constexpr (P::kVecs == 1) {
+          std::memcpy(am, &bytes, VL);
+        } else {
+          static_assert(P::kVecs == 2 && P::kDeinterleaved, "even/odd channel halves");
+          using Pairs = typename IntVec<uint16_t, VL>::type;
+          uint8_t* held = s.held_code.data() + oj * VL;
+          if (q == 0) {
+            std::memcpy(held, &bytes, VL);
+          } else {
+            Bytes even;
+            std::memcpy(&even, held, VL);
+            const Pairs both = __builtin_convertvector(even, Pairs) |
+                               (__builtin_convertvector(bytes, Pairs) << 8);
+            std::memcpy(am, &both, 2 * VL);
+          }
+        }
+      };
       for (int64_t oj = oj0; oj < oj1; ++oj) {
         const int64_t j0 = 2 * oj - v.pad;
+        const int64_t col = (j0 - st.j_lo) * st.px_stride + b * VL;
         const int e_lo = int(std::max<int64_t>(0, -j0));
         const int e_hi = int(std::min<int64_t>(K1, v.W - j0));
         const int cols_in = 1 + int(2 * oj + 1 < v.W);
-        const int64_t col = (j0 - st.j_lo) * st.px_stride + b * VL;
-        const bool inside =
-            rows_in == 2 && cols_in == 2 && a_lo == 0 && a_hi == K1 && e_lo == 0 && e_hi == K1;
         Vec<A> best{};
         M code{};
-        if (inside)
+        if (rows_in == 2 && cols_in == 2 && a_lo == 0 && a_hi == K1 && e_lo == 0 && e_hi == K1)
           max_staged_inside<K1, kResidual>(rows, col, st.px_stride, w, b0, best, code);
         else
-          max_staged_edge<K1>(rows, col, st.px_stride, packed_w + b * VL, ws, b0, kResidual,
-                              rows_in, cols_in, a_lo, a_hi, e_lo, e_hi, best, code);
-        store_block<T, A>(s, v.Wo, q, oj, best, o_row + oj * v.kc + g * P::kStep);
-        if (am_row) {
-          // a group's codes wait in Packing's order until its last vector, then go out in
-          // channel order
-          using Bytes = typename IntVec<uint8_t, VL>::type;
-          const Bytes bytes = __builtin_convertvector(code, Bytes);
-          uint8_t* am = am_row + oj * v.kc + g * P::kStep;
-          if constexpr (P::kVecs == 1) {
-            std::memcpy(am, &bytes, VL);
-          } else {
-            static_assert(P::kVecs == 2 && P::kDeinterleaved, "even/odd channel halves");
-            using Pairs = typename IntVec<uint16_t, VL>::type;
-            uint8_t* held = s.held_code.data() + oj * VL;
-            if (q == 0) {
-              std::memcpy(held, &bytes, VL);
-            } else {
-              Bytes even;
-              std::memcpy(&even, held, VL);
-              const Pairs both = __builtin_convertvector(even, Pairs) |
-                                 (__builtin_convertvector(bytes, Pairs) << 8);
-              std::memcpy(am, &both, 2 * VL);
-            }
-          }
-        }
+          max_staged_edge<K1, kResidual>(rows, col, st.px_stride, w, b0, rows_in, cols_in, a_lo,
+                                         a_hi, e_lo, e_hi, best, code);
+        put(oj, best, code);
       }
     }
     // the channels past the last full group
