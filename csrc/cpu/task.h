@@ -54,9 +54,11 @@
 #if defined(__GNUC__) || defined(__clang__)
 #define SAEP_INLINE __attribute__((always_inline)) inline
 #define SAEP_LAMBDA_INLINE __attribute__((always_inline))
+#define SAEP_NOINLINE __attribute__((noinline))
 #else
 #define SAEP_INLINE inline
 #define SAEP_LAMBDA_INLINE
+#define SAEP_NOINLINE
 #endif
 
 // the trip count of a chunk (see for_chunks): the constant L, or the tail's runtime length
