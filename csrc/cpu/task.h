@@ -102,6 +102,7 @@ inline void run_tasks(const Params& p, const ParallelFor& parallel_for,
 #if SAEP_CPU_MULTI_ISA && defined(SAEP_CPU_ISA_AVX512)
 #define SAEP_CPU_ISA avx512
 #define SAEP_CPU_ISA_IS_BASELINE 0
+#define SAEP_CPU_VEC_REGISTERS 32  // Vecs (64 bytes) the registers hold: 32 zmm
 #if defined(__clang__)
 #define SAEP_CPU_ISA_TARGET __attribute__((target("arch=x86-64-v4")))
 #else
@@ -111,6 +112,7 @@ inline void run_tasks(const Params& p, const ParallelFor& parallel_for,
 #elif SAEP_CPU_MULTI_ISA && defined(SAEP_CPU_ISA_AVX2)
 #define SAEP_CPU_ISA avx2
 #define SAEP_CPU_ISA_IS_BASELINE 0
+#define SAEP_CPU_VEC_REGISTERS 8  // 16 ymm, two per Vec
 #if defined(__clang__)
 #define SAEP_CPU_ISA_TARGET __attribute__((target("arch=x86-64-v3")))
 #else
@@ -120,6 +122,7 @@ inline void run_tasks(const Params& p, const ParallelFor& parallel_for,
 #elif !defined(SAEP_CPU_ISA_AVX2) && !defined(SAEP_CPU_ISA_AVX512)
 #define SAEP_CPU_ISA baseline
 #define SAEP_CPU_ISA_IS_BASELINE 1
+#define SAEP_CPU_VEC_REGISTERS 4  // x86-64: 16 xmm, four per Vec
 #define SAEP_CPU_ISA_TARGET
 #else
 #error "csrc/cpu/isa/*.cpp compile only where SAEP_CPU_MULTI_ISA is 1"
