@@ -1,5 +1,7 @@
 // saep-kernels: the CPU kernels timed without Python, next to what bounds them on this
-// machine: a copy of the same bytes and a bf16 -> fp32 conversion loop. For wall-clock
+// machine: a copy of the same bytes, a bf16 -> fp32 conversion loop and the fp32 multiply-add
+// throughput of the instruction set in use (fma_peak); the forward's line adds its two floors,
+// its bytes at the copy's speed and its multiply-adds at fma_peak's. For wall-clock
 // measurements (interleaved rounds, median) and for instruction and cache counts under
 // valgrind (`--reps 1 --rounds 1`; scripts/cpu_kernel_profile.py runs it with the sizes of
 // saep_kernels.configs and counts only the kernel entry points).
@@ -91,6 +93,43 @@ __attribute__((noinline)) void copy_bytes(char* dst, const char* src, int64_t b,
 __attribute__((noinline)) void bf16_to_f32(float* dst, const saep::cpu::bf16* src, int64_t b,
                                            int64_t e) {
   for (int64_t i = b; i < e; ++i) dst[i] = saep::cpu::to_float(src[i]);
+}
+
+// The multiply-add ceiling of each instruction set: kFmaChains independent chains of its
+// widest fp32 vectors (kFmaLanes lanes) per thread, x = x * m + c (one FMA where the target
+// has FMA; mul and add on the baseline). As many chains as the registers hold next to m and
+// c: more spill to the stack, and the stores then bound the loop. Returns the sum so that
+// the loop is kept.
+#define SAEP_BENCH_FMA_LOOP(NAME, TARGET, BYTES, CHAINS)                                \
+  __attribute__((noinline)) TARGET float NAME(int64_t n) {                            \
+    typedef float V __attribute__((vector_size(BYTES)));                               \
+    V x[CHAINS];                                                                       \
+    for (int i = 0; i < CHAINS; ++i) x[i] = V{} + (1.0f + 1e-3f * float(i));           \
+    const V m = V{} + 0.999f, c = V{} + 1e-3f;                                         \
+    for (int64_t it = 0; it < n; ++it) {                                               \
+      _Pragma("GCC unroll 32") for (int i = 0; i < CHAINS; ++i) x[i] = x[i] * m + c;   \
+    }                                                                                  \
+    float sum = 0;                                                                     \
+    for (int i = 0; i < CHAINS; ++i)                                                   \
+      for (int q = 0; q < int(BYTES / 4); ++q) sum += x[i][q];                         \
+    return sum;                                                                        \
+  }
+// default (16 xmm), avx2 (16 ymm), avx512 (32 zmm)
+constexpr int kFmaChains[3] = {12, 12, 24};
+constexpr int kFmaLanes[3] = {4, 8, 16};
+SAEP_BENCH_FMA_LOOP(fma_loop_default, , 16, 12)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+SAEP_BENCH_FMA_LOOP(fma_loop_avx2, __attribute__((target("arch=x86-64-v3"))), 32, 12)
+SAEP_BENCH_FMA_LOOP(fma_loop_avx512, __attribute__((target("arch=x86-64-v4"))), 64, 24)
+#endif
+
+// one thread's n iterations of the loop of the capability in use
+float fma_loop(int capability, int64_t n) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (capability == 2) return fma_loop_avx512(n);
+  if (capability == 1) return fma_loop_avx2(n);
+#endif
+  return fma_loop_default(n);
 }
 
 double median(std::vector<double> v) {
@@ -193,25 +232,45 @@ int main(int argc, char** argv) {
   std::memcpy(src.data(), layers[0].data(), std::min(src.size(), layers[0].size()));
   std::vector<float> conv_dst(static_cast<size_t>(n_in));
 
+  // the compute ceiling: fp32 multiply-adds per second of the FMA loop, one call per thread
+  const int capability = static_cast<int>(saep::cpu::cpu_capability());
+  const int64_t fma_iters = 1 << 20;
+  const int64_t fma_madds =
+      int64_t(a.threads) * fma_iters * kFmaChains[capability] * kFmaLanes[capability];
+  std::vector<float> fma_sink(static_cast<size_t>(a.threads));
+  // the forward's multiply-adds (and adds) per output element, in the compute type: the
+  // folded (k+1)x(k+1) kernel for avg (docs/op.md section 4), the four window positions' k x k
+  // taps and residual for max; windows at the grid's edge do fewer
+  const int64_t fwd_madds =
+      n_out * (max ? 4 * (taps + (g.residual ? 1 : 0)) : (g.ksize + 1) * (g.ksize + 1));
+
   struct Case {
     std::string name;
     std::function<void()> run;
     int64_t bytes;
+    int64_t madds;  // multiply-adds it runs (fma_peak) or must run (forward); 0 if not counted
   };
   const int64_t am = max ? n_out : 0;
   std::vector<Case> cases = {
+      {"fma_peak", [&] { parallel_elems(a.threads, a.threads, [&](int64_t b, int64_t en) {
+                           for (int64_t t = b; t < en; ++t)
+                             fma_sink[size_t(t)] = fma_loop(capability, fma_iters); }); },
+       0, fma_madds},
       {"copy", [&] { parallel_elems(a.threads, n_in * e, [&](int64_t b, int64_t en) {
                        copy_bytes(dst.data(), src.data(), b, en); }); },
-       2 * n_in * e},
+       2 * n_in * e, 0},
       {"bf16_to_fp32", [&] { parallel_elems(a.threads, n_in, [&](int64_t b, int64_t en) {
                                bf16_to_f32(conv_dst.data(),
                                            reinterpret_cast<const saep::cpu::bf16*>(src.data()),
                                            b, en); }); },
-       n_in * 2 + n_in * 4},
-      {"forward", [&] { saep::cpu::fused_aggregate_fwd(fp, pf); }, (n_in + n_out) * e + am},
-      {"input_grad", [&] { saep::cpu::fused_aggregate_bwd(bx, pf); }, (n_in + n_out) * e + am},
-      {"weight_grad", [&] { saep::cpu::fused_aggregate_bwd(bw, pf); }, (n_in + n_out) * e + am},
-      {"backward", [&] { saep::cpu::fused_aggregate_bwd(bxw, pf); }, (2 * n_in + n_out) * e + am},
+       n_in * 2 + n_in * 4, 0},
+      {"forward", [&] { saep::cpu::fused_aggregate_fwd(fp, pf); }, (n_in + n_out) * e + am,
+       fwd_madds},
+      {"input_grad", [&] { saep::cpu::fused_aggregate_bwd(bx, pf); }, (n_in + n_out) * e + am, 0},
+      {"weight_grad", [&] { saep::cpu::fused_aggregate_bwd(bw, pf); }, (n_in + n_out) * e + am,
+       0},
+      {"backward", [&] { saep::cpu::fused_aggregate_bwd(bxw, pf); }, (2 * n_in + n_out) * e + am,
+       0},
   };
   if (!a.only.empty()) {
     std::vector<Case> kept;
@@ -235,10 +294,29 @@ int main(int argc, char** argv) {
               a.pool.c_str(), (long long)g.height, (long long)g.width, (long long)C,
               g.num_layers, (long long)g.batch, a.threads,
               saep::cpu::cpu_capability_name(saep::cpu::cpu_capability()));
+  // the ceilings of this run: the copy's bytes per second and fma_peak's multiply-adds
+  double copy_bps = 0, peak_madds = 0;
+  for (auto& c : cases) {
+    const double t = median(ms[c.name]) * 1e-3;
+    if (c.name == "copy") copy_bps = double(c.bytes) / t;
+    if (c.name == "fma_peak") peak_madds = double(c.madds) / t;
+  }
   for (auto& c : cases) {
     const double t = median(ms[c.name]);
-    std::printf("%-12s %9.3f ms %7.1f GB/s  bytes %lld  outputs %lld\n", c.name.c_str(), t,
+    if (c.name == "fma_peak") {
+      std::printf("%-12s %9.3f ms %7.1f G fp32 multiply-adds/s (%d threads)\n", c.name.c_str(),
+                  t, double(c.madds) / (t * 1e-3) / 1e9, a.threads);
+      continue;
+    }
+    std::printf("%-12s %9.3f ms %7.1f GB/s  bytes %lld  outputs %lld", c.name.c_str(), t,
                 double(c.bytes) / (t * 1e-3) / 1e9, (long long)c.bytes, (long long)n_out);
+    // the time floors of the kernel: its bytes at the copy's speed, its multiply-adds at
+    // fma_peak's (with copy and fma_peak in the run)
+    if (c.madds && copy_bps > 0 && peak_madds > 0)
+      std::printf("  floors: bytes %.3f ms, multiply-adds %.3f ms (%lld)",
+                  double(c.bytes) / copy_bps * 1e3, double(c.madds) / peak_madds * 1e3,
+                  (long long)c.madds);
+    std::printf("\n");
   }
   return 0;
 }
