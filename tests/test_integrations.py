@@ -251,6 +251,17 @@ def test_saved_saep_model_loads_through_the_auto_classes(build, tmp_path):
         assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
 
 
+def projected_image_features(out):
+    """The projector's image features of a Llava model output, one tensor per image or one for
+    the batch: ``image_outputs.pooler_output`` (a list, one per image) where transformers has
+    it, else ``image_hidden_states`` (deprecated there, and to become the vision tower's hidden
+    states)."""
+    image_outputs = getattr(out, "image_outputs", None)
+    features = (image_outputs.pooler_output if image_outputs is not None
+                else out.image_hidden_states)
+    return list(features) if isinstance(features, (list, tuple)) else [features]
+
+
 @pytest.mark.parametrize("build", ["build_llava", "build_llava_next"])
 def test_apply_saep_to_the_base_model(build):
     """LlavaModel / LlavaNextModel (no LM head) as well as the generation classes."""
@@ -263,7 +274,10 @@ def test_apply_saep_to_the_base_model(build):
     out = base(**inputs)
     assert out.last_hidden_state.shape[:2] == inputs["input_ids"].shape
     if build == "build_llava":  # NeXT packs crops and newlines into one sequence per image
-        assert out.image_hidden_states.shape[-2] == hf.saep_image_tokens(base.config)
+        per_image = projected_image_features(out)
+        assert per_image
+        for features in per_image:
+            assert features.shape[-2] == hf.saep_image_tokens(base.config)
 
 
 @pytest.mark.parametrize("build", ["build_llava", "build_llava_next"])
