@@ -95,12 +95,13 @@ __attribute__((noinline)) void bf16_to_f32(float* dst, const saep::cpu::bf16* sr
   for (int64_t i = b; i < e; ++i) dst[i] = saep::cpu::to_float(src[i]);
 }
 
-// The multiply-add ceiling of each instruction set: kFmaChains independent chains of its
-// widest fp32 vectors (kFmaLanes lanes) per thread, x = x * m + c (one FMA where the target
-// has FMA; mul and add on the baseline). As many chains as the registers hold next to m and
-// c: more spill to the stack, and the stores then bound the loop. Returns the sum so that
-// the loop is kept.
+// The multiply-add ceiling of each instruction set: CHAINS independent chains of its widest
+// fp32 vectors (BYTES) per thread, x = x * m + c (one FMA where the target has FMA; mul and add
+// on the baseline). As many chains as the registers hold next to m and c: more spill to the
+// stack, and the stores then bound the loop. NAME(n) runs n iterations and returns the sum, so
+// that the loop is kept; NAME_madds is the multiply-adds of one iteration.
 #define SAEP_BENCH_FMA_LOOP(NAME, TARGET, BYTES, CHAINS)                                \
+  constexpr int64_t NAME##_madds = int64_t(CHAINS) * (BYTES / 4);                      \
   __attribute__((noinline)) TARGET float NAME(int64_t n) {                            \
     typedef float V __attribute__((vector_size(BYTES)));                               \
     V x[CHAINS];                                                                       \
@@ -115,21 +116,24 @@ __attribute__((noinline)) void bf16_to_f32(float* dst, const saep::cpu::bf16* sr
     return sum;                                                                        \
   }
 // default (16 xmm), avx2 (16 ymm), avx512 (32 zmm)
-constexpr int kFmaChains[3] = {12, 12, 24};
-constexpr int kFmaLanes[3] = {4, 8, 16};
 SAEP_BENCH_FMA_LOOP(fma_loop_default, , 16, 12)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 SAEP_BENCH_FMA_LOOP(fma_loop_avx2, __attribute__((target("arch=x86-64-v3"))), 32, 12)
 SAEP_BENCH_FMA_LOOP(fma_loop_avx512, __attribute__((target("arch=x86-64-v4"))), 64, 24)
 #endif
 
-// one thread's n iterations of the loop of the capability in use
-float fma_loop(int capability, int64_t n) {
+// The FMA loop of the instruction set in use: run(n) and the multiply-adds of one iteration.
+struct FmaLoop {
+  float (*run)(int64_t);
+  int64_t madds;
+};
+FmaLoop fma_loop(saep::cpu::CpuCapability c) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if (capability == 2) return fma_loop_avx512(n);
-  if (capability == 1) return fma_loop_avx2(n);
+  if (c == saep::cpu::CpuCapability::Avx512) return {fma_loop_avx512, fma_loop_avx512_madds};
+  if (c == saep::cpu::CpuCapability::Avx2) return {fma_loop_avx2, fma_loop_avx2_madds};
 #endif
-  return fma_loop_default(n);
+  (void)c;
+  return {fma_loop_default, fma_loop_default_madds};
 }
 
 double median(std::vector<double> v) {
@@ -233,10 +237,9 @@ int main(int argc, char** argv) {
   std::vector<float> conv_dst(static_cast<size_t>(n_in));
 
   // the compute ceiling: fp32 multiply-adds per second of the FMA loop, one call per thread
-  const int capability = static_cast<int>(saep::cpu::cpu_capability());
+  const FmaLoop fma = fma_loop(saep::cpu::cpu_capability());
   const int64_t fma_iters = 1 << 20;
-  const int64_t fma_madds =
-      int64_t(a.threads) * fma_iters * kFmaChains[capability] * kFmaLanes[capability];
+  const int64_t fma_madds = int64_t(a.threads) * fma_iters * fma.madds;
   std::vector<float> fma_sink(static_cast<size_t>(a.threads));
   // the forward's multiply-adds (and adds) per output element, in the compute type: the
   // folded (k+1)x(k+1) kernel for avg (docs/op.md section 4), the four window positions' k x k
@@ -254,7 +257,7 @@ int main(int argc, char** argv) {
   std::vector<Case> cases = {
       {"fma_peak", [&] { parallel_elems(a.threads, a.threads, [&](int64_t b, int64_t en) {
                            for (int64_t t = b; t < en; ++t)
-                             fma_sink[size_t(t)] = fma_loop(capability, fma_iters); }); },
+                             fma_sink[size_t(t)] = fma.run(fma_iters); }); },
        0, fma_madds},
       {"copy", [&] { parallel_elems(a.threads, n_in * e, [&](int64_t b, int64_t en) {
                        copy_bytes(dst.data(), src.data(), b, en); }); },
