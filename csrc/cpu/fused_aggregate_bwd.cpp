@@ -63,8 +63,9 @@ struct GradTask {
 
 // grad_x(i, j) = sum over the windows whose (k+1)x(k+1) patch holds (i, j), i.e.
 // a = i - 2*oi + p in [0, k], of g_y(window) * wf[variant][a][e]. Needs s.wf (fold_avg).
+// The channels [c_begin, C) (avg_input_grad_staged does the full Packing groups).
 template <typename T, typename A>
-SAEP_INLINE void avg_input_grad(const GradTask<T, A>& t) {
+SAEP_INLINE void avg_input_grad(const GradTask<T, A>& t, int64_t c_begin) {
   const View<T, A>& v = t.v;
   const int k = v.k, k1 = v.k1, pad = v.pad;
   const A* wf = t.s.wf.data();
@@ -76,8 +77,9 @@ SAEP_INLINE void avg_input_grad(const GradTask<T, A>& t) {
       const int64_t oj_lo = std::max<int64_t>(0, floor_half(j + pad - k + 1));
       const int64_t oj_hi = std::min<int64_t>(v.Wo - 1, (j + pad) / 2);
       T* o = t.gx + (i * v.W + j) * v.C;
-      for_chunks<L>(v.C, [&](auto chunk, int64_t c, int64_t n) SAEP_LAMBDA_INLINE {
+      for_chunks<L>(v.C - c_begin, [&](auto chunk, int64_t cc, int64_t n) SAEP_LAMBDA_INLINE {
         const int64_t len = SAEP_LEN(chunk, n);
+        const int64_t c = c_begin + cc;
         A acc[L];
         for (int64_t q = 0; q < len; ++q) acc[q] = A(0);
         for (int64_t oi = oi_lo; oi <= oi_hi; ++oi) {
@@ -91,6 +93,117 @@ SAEP_INLINE void avg_input_grad(const GradTask<T, A>& t) {
         }
         for (int64_t q = 0; q < len; ++q) o[q + c] = Convert<T, A>::store(acc[q]);
       });
+    }
+  }
+}
+
+// grad_x for the channels of full Packing groups, as avg_input_grad (each pixel's sum in its
+// order: the covering windows row by row, each row left to right): pixel row by pixel row, and
+// in each one vector block at a time. A pixel i = 2m - p + r (r = 0, 1) of a row is covered by
+// the in-grid window rows m - d, d in [0, K1 / 2), at patch row a = 2d + r. The row's
+// K1 / 2 x K1 folded weights (of each window row's variant where its columns are full) stay in
+// registers while its pixels slide along two at a time: pixels 2n - p and 2n - p + 1 share
+// the windows n - c, c in [0, K1 / 2), whose g_y (K1 / 2 per window row) move over by one
+// window per step, where those window columns are all full ones. The other pixels (the first
+// and last columns, those under a partial window column of an odd grid) add their windows one
+// at a time, the weights read from memory.
+template <int K1, typename T, typename A>
+SAEP_INLINE void avg_input_grad_staged(const GradTask<T, A>& t) {
+  using P = Packing<T, A>;
+  constexpr int VL = vec_lanes<A>(), H2 = K1 / 2;
+  const View<T, A>& v = t.v;
+  const int pad = v.pad;
+  const int64_t ws = v.ws, groups = v.C / P::kStep;
+  const A* const wf = pack_weights<T, A>(t.s, t.s.wf.data(), 4 * K1 * K1, ws, v.C, nullptr).w;
+  t.s.held.resize(size_t(P::kVecs * v.W * VL));
+  // window (oi, oj)'s g_y for vector q of the group at channel c_group, as the compute type
+  const auto gy_at = [&](int64_t oi, int64_t oj, int64_t c_group, auto qc) SAEP_LAMBDA_INLINE {
+    Vec<A> g[P::kVecs];
+    P::load(t.gy + (oi * v.Wo + oj) * t.gst + c_group, g);
+    return g[decltype(qc)::value];
+  };
+  // window row (column) o is a full one and in the grid
+  const auto full_row = [&](int64_t o) { return o >= 0 && o < v.Ho && 2 * o + 1 < v.H; };
+  const auto full_col = [&](int64_t o) { return o >= 0 && o < v.Wo && 2 * o + 1 < v.W; };
+  for (int64_t i = 0; i < v.H; ++i) {
+    const int64_t m = (i + pad) / 2;
+    const int r = int((i + pad) & 1);
+    const int64_t oi_lo = std::max<int64_t>(0, m - H2 + 1), oi_hi = std::min<int64_t>(v.Ho - 1, m);
+    // the window rows in the grid: m - d for d in [d_lo, d_hi]
+    const int d_lo = int(m - oi_hi), d_hi = int(m - oi_lo);
+    // each window row's variant where the window's columns are full (its rows: full or not)
+    int row_variant[H2];
+    for (int d = 0; d < H2; ++d) row_variant[d] = full_row(m - d) ? 0 : 2;
+    T* o_row = t.gx + i * v.W * v.C;
+    // one vector block: the group at c_group, its vector q (a compile-time constant)
+    const auto block = [&](int64_t g, auto qc) SAEP_LAMBDA_INLINE {
+      constexpr int q = decltype(qc)::value;
+      const int64_t c_group = g * P::kStep, b = g * P::kVecs + q;
+      // this row's folded weights of the windows with full columns: w[d][e] is window row
+      // m - d's, patch row 2d + r, column e (window rows out of the grid: variant 0's, unused)
+      Vec<A> w[H2][K1];
+#pragma GCC unroll 16
+      for (int d = 0; d < H2; ++d)
+#pragma GCC unroll 16
+        for (int e = 0; e < K1; ++e)
+          w[d][e] = VecIO<A, A>::load(
+              wf + ((row_variant[d] * K1 + 2 * d + r) * K1 + e) * ws + b * VL);
+      for (int64_t j = 0; j < v.W;) {
+        const int64_t n = (j + pad) / 2;
+        if (((j + pad) & 1) == 0 && full_col(n - H2 + 1) && full_col(n) && j + 1 < v.W) {
+          // gz[d][c]: window (m - d, n - c) (rows d in [d_lo, d_hi])
+          Vec<A> gz[H2][H2];
+#pragma GCC unroll 16
+          for (int d = 0; d < H2; ++d)
+#pragma GCC unroll 16
+            for (int c = 0; c < H2; ++c)
+              gz[d][c] = d >= d_lo && d <= d_hi ? gy_at(m - d, n - c, c_group, qc) : Vec<A>{};
+          for (int64_t nn = n;;) {
+            Vec<A> acc[2] = {};
+#pragma GCC unroll 16
+            for (int d = H2 - 1; d >= 0; --d) {
+              if (d < d_lo || d > d_hi) continue;
+#pragma GCC unroll 16
+              for (int c = H2 - 1; c >= 0; --c)
+#pragma GCC unroll 2
+                for (int s = 0; s < 2; ++s) acc[s] += gz[d][c] * w[d][2 * c + s];
+            }
+            const int64_t jj = 2 * nn - pad;
+#pragma GCC unroll 2
+            for (int s = 0; s < 2; ++s)
+              store_block<T, A>(t.s, v.W, q, jj + s, acc[s], o_row + (jj + s) * v.C + c_group);
+            ++nn;
+            j = 2 * nn - pad;
+            if (!(full_col(nn) && j + 1 < v.W)) break;
+            // the next pair's windows: one window further right in each row
+#pragma GCC unroll 16
+            for (int d = 0; d < H2; ++d) {
+#pragma GCC unroll 16
+              for (int c = H2 - 1; c > 0; --c) gz[d][c] = gz[d][c - 1];
+              if (d >= d_lo && d <= d_hi) gz[d][0] = gy_at(m - d, nn, c_group, qc);
+            }
+          }
+          continue;
+        }
+        // one pixel, its windows one at a time
+        const int64_t oj_lo = std::max<int64_t>(0, floor_half(j + pad - K1 + 2));
+        const int64_t oj_hi = std::min<int64_t>(v.Wo - 1, (j + pad) / 2);
+        Vec<A> acc{};
+        for (int64_t oi = oi_lo; oi <= oi_hi; ++oi) {
+          const int a = int(i - 2 * oi + pad);
+          for (int64_t oj = oj_lo; oj <= oj_hi; ++oj) {
+            const int e = int(j - 2 * oj + pad);
+            const A* wp = wf + ((variant_of(t.g, oi, oj) * K1 + a) * K1 + e) * ws + b * VL;
+            acc += gy_at(oi, oj, c_group, qc) * VecIO<A, A>::load(wp);
+          }
+        }
+        store_block<T, A>(t.s, v.W, q, j, acc, o_row + j * v.C + c_group);
+        ++j;
+      }
+    };
+    for (int64_t g = 0; g < groups; ++g) {
+      block(g, std::integral_constant<int, 0>{});
+      if constexpr (P::kVecs == 2) block(g, std::integral_constant<int, 1>{});
     }
   }
 }
@@ -490,7 +603,13 @@ struct BackwardTask {
     const int64_t C = t.g.channels, kc = t.g.kc();
     if (t.g.pool == Pool::Avg) {
       fold_avg(t.g, s.w, s.wf);
-      if (t.gx) avg_input_grad(t);
+      if (t.gx) {
+        with_patch_size(t.v.k1, [&](auto k1) SAEP_LAMBDA_INLINE {
+          avg_input_grad_staged<decltype(k1)::value>(t);
+        });
+        const int64_t c_tail = C / Packing<T, A>::kStep * Packing<T, A>::kStep;
+        if (c_tail < C) avg_input_grad(t, c_tail);
+      }
       if (t.gw) avg_weight_grad(t);
     } else {
       // the channels past the last full Packing group: max_input_grad and max_weight_grad
