@@ -1,8 +1,18 @@
 // saep-kernels CPU kernels: the backward of the fused op (tasks, memory order and the avg fold:
 // task.h). One function per gradient and pool mode:
 //
-//   avg_input_grad    grad_x gathers g_y through the folded kernels (the transposed forward)
-//   avg_weight_grad   g_y * x over each window's (k+1)x(k+1) patch, unfolded at the end
+//   avg_input_grad_staged
+//                     grad_x gathers g_y through the folded kernels (the transposed forward),
+//                     a pixel row's folded weights in registers along the row, two pixels at
+//                     a time
+//   avg_input_grad    the same a pixel at a time (the channels past the last full group)
+//   avg_weight_grad_staged
+//                     g_y * x over each window's (k+1)x(k+1) patch from the staged input rows
+//                     (StagedRows), the folded accumulators in registers along a window row;
+//                     unfolded at the end (avg_weight_grad)
+//   avg_weight_grad_tail
+//                     the same a window at a time from the input in place (the channels past
+//                     the last full vector group)
 //   max_input_grad_staged
 //                     grad_x from a ring of k rows of g_z (Packing's channel order), the k x k
 //                     weights in registers along a pixel row, four pixels at a time
@@ -210,14 +220,92 @@ SAEP_INLINE void avg_input_grad_staged(const GradTask<T, A>& t) {
 
 // Full windows: g_z = g_y / 4 at all four positions, so
 //   grad_w[u, v] = 1/4 sum_{dy,dx} F[u+dy, v+dx],  F[a, e] = sum_w g_y * x(patch a, e);
-// partial windows (last row/column of odd grids) add their in-grid positions directly.
+// partial windows (last row/column of odd grids) add their in-grid positions directly. F
+// (t.s.gwf) and grad_w (t.gw) are in Packing's channel order while the window loops run.
+//
+// The channels of full Packing groups, from the staged rows (StagedRows): window row by window
+// row, and in each one vector block at a time, F's (k+1)x(k+1) accumulators stay in registers
+// while the row's windows slide along; windows in raster order (one strip of the whole width),
+// so each sum adds in the order of avg_weight_grad_tail.
+template <int K1, typename T, typename A>
+SAEP_INLINE void avg_weight_grad_staged(GradTask<T, A>& t, A* gwf) {
+  using P = Packing<T, A>;
+  constexpr int K = K1 - 1, VL = vec_lanes<A>();
+  const View<T, A>& v = t.v;
+  const int64_t ws = v.ws;
+  A* const gw = t.gw;
+  constexpr int64_t kWholeWidth = std::numeric_limits<int64_t>::max();
+  for_staged_strips<K1>(v, t.s, kWholeWidth, [&](int64_t oi, int64_t, int64_t,
+                                                  const StagedRows<T, A>& st) SAEP_LAMBDA_INLINE {
+    const int64_t ps = st.px_stride;
+    const int64_t r0 = 2 * oi - v.pad;
+    const int a_lo = int(std::max<int64_t>(0, -r0)), a_hi = int(std::min<int64_t>(K1, v.H - r0));
+    const A* rows[K1];
+    for (int a = a_lo; a < a_hi; ++a) rows[a] = st.slot(r0 + a, K1);
+    const Prefetch next = st.next_rows(v, r0 + K1);
+    const auto block = [&](int64_t g, auto qc) SAEP_LAMBDA_INLINE {
+      constexpr int q = decltype(qc)::value;
+      const int64_t b = g * P::kVecs + q;
+      next.block(b, st.blocks);
+      Vec<A> acc[K1][K1];
+      load_taps<K1>(gwf, ws, b, acc);
+      for (int64_t oj = 0; oj < v.Wo; ++oj) {
+        Vec<A> gys[P::kVecs];
+        P::load(t.gy + (oi * v.Wo + oj) * t.gst + g * P::kStep, gys);
+        const WindowExtent ext = window_extent(t.g, oi, oj);
+        const int64_t j0 = 2 * oj - v.pad;
+        const int e_lo = int(std::max<int64_t>(0, -j0));
+        const int e_hi = int(std::min<int64_t>(K1, v.W - j0));
+        const int64_t col = (j0 - st.j_lo) * ps + b * VL;
+        if (ext.count() == 4) {
+          const Vec<A> gv = gys[q];
+          if (a_lo == 0 && a_hi == K1 && e_lo == 0 && e_hi == K1) {
+#pragma GCC unroll 16
+            for (int a = 0; a < K1; ++a)
+#pragma GCC unroll 16
+              for (int e = 0; e < K1; ++e)
+                acc[a][e] += gv * VecIO<A, A>::load(rows[a] + col + e * ps);
+          } else {
+#pragma GCC unroll 16
+            for (int a = 0; a < K1; ++a)
+#pragma GCC unroll 16
+              for (int e = 0; e < K1; ++e)
+                if (a >= a_lo && a < a_hi && e >= e_lo && e < e_hi)
+                  acc[a][e] += gv * VecIO<A, A>::load(rows[a] + col + e * ps);
+          }
+          continue;
+        }
+        // a partial window: its in-grid positions' taps straight into grad_w
+        const Vec<A> gv = gys[q] * (A(1) / A(ext.count()));
+        for (int dy = 0; dy < ext.rows; ++dy)
+          for (int dx = 0; dx < ext.cols; ++dx)
+            for (int u = 0; u < K; ++u) {
+              const int a = dy + u;
+              if (a < a_lo || a >= a_hi) continue;
+              for (int vv = 0; vv < K; ++vv) {
+                const int e = dx + vv;
+                if (e < e_lo || e >= e_hi) continue;
+                A* dst = gw + (u * K + vv) * ws + b * VL;
+                VecIO<A, A>::store(dst, VecIO<A, A>::load(dst) +
+                                            gv * VecIO<A, A>::load(rows[a] + col + e * ps));
+              }
+            }
+      }
+      store_taps<K1>(gwf, ws, b, acc);
+    };
+    for (int64_t g = 0; g < st.groups; ++g) {
+      block(g, std::integral_constant<int, 0>{});
+      if constexpr (P::kVecs == 2) block(g, std::integral_constant<int, 1>{});
+    }
+  });
+}
+
+// The same for the channels [c_begin, C), a window at a time from the input in place.
 template <typename T, typename A>
-SAEP_INLINE void avg_weight_grad(GradTask<T, A>& t) {
+SAEP_INLINE void avg_weight_grad_tail(GradTask<T, A>& t, A* gwf, int64_t c_begin) {
   const View<T, A>& v = t.v;
   const int k = v.k, k1 = v.k1;
   constexpr int L = lanes<A>() / 2;
-  t.s.gwf.assign(size_t(k1 * k1 * v.ws), A(0));
-  A* gwf = t.s.gwf.data();
   A* gw = t.gw;
   for (int64_t oi = 0; oi < v.Ho; ++oi) {
     for (int64_t oj = 0; oj < v.Wo; ++oj) {
@@ -225,8 +313,9 @@ SAEP_INLINE void avg_weight_grad(GradTask<T, A>& t) {
       const bool full = ext.count() == 4;
       const A scale = full ? A(1) : A(1) / A(ext.count());
       const T* gp = t.gy + (oi * v.Wo + oj) * t.gst;
-      for_chunks<L>(v.C, [&](auto chunk, int64_t c, int64_t n) SAEP_LAMBDA_INLINE {
+      for_chunks<L>(v.C - c_begin, [&](auto chunk, int64_t cc, int64_t n) SAEP_LAMBDA_INLINE {
         const int64_t len = SAEP_LEN(chunk, n);
+        const int64_t c = c_begin + cc;
         A gv[L];
         for (int64_t q = 0; q < len; ++q) gv[q] = ld<T, A>(gp[c + q]) * scale;
         if (full) {
@@ -248,6 +337,21 @@ SAEP_INLINE void avg_weight_grad(GradTask<T, A>& t) {
       });
     }
   }
+}
+
+template <typename T, typename A>
+SAEP_INLINE void avg_weight_grad(GradTask<T, A>& t) {
+  using P = Packing<T, A>;
+  const View<T, A>& v = t.v;
+  const int k = v.k, k1 = v.k1;
+  t.s.gwf.assign(size_t(k1 * k1 * v.ws), A(0));
+  A* gwf = t.s.gwf.data();
+  A* gw = t.gw;
+  with_patch_size(k1, [&](auto kc1) SAEP_LAMBDA_INLINE {
+    avg_weight_grad_staged<decltype(kc1)::value>(t, gwf);
+  });
+  const int64_t c_tail = v.C / P::kStep * P::kStep;
+  if (c_tail < v.C) avg_weight_grad_tail(t, gwf, c_tail);
   for (int u = 0; u < k; ++u)
     for (int vv = 0; vv < k; ++vv) {
       A* dst = gw + (u * k + vv) * v.ws;
@@ -257,6 +361,14 @@ SAEP_INLINE void avg_weight_grad(GradTask<T, A>& t) {
           for (int64_t q = 0; q < v.C; ++q) dst[q] += A(0.25) * src[q];
         }
     }
+  if constexpr (P::kDeinterleaved) {
+    std::vector<A>& row = t.s.gwf;  // a row in channel order (F is spent)
+    row.resize(size_t(v.C));
+    for (int tap = 0; tap < k * k; ++tap) {
+      P::interleave(gw + tap * v.ws, row.data(), v.C);
+      std::copy_n(row.data(), v.C, gw + tap * v.ws);
+    }
+  }
 }
 
 // grad_x(i, j) = residual * g_z(i, j) + sum_{u,v} w[u, v] * g_z(i - u + p, j - v + p) for the
