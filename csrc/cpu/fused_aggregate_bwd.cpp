@@ -339,6 +339,16 @@ SAEP_INLINE void avg_weight_grad_tail(GradTask<T, A>& t, A* gwf, int64_t c_begin
   }
 }
 
+// The avg backward from registers (avg_input_grad_staged, avg_weight_grad_staged) where their
+// weights or accumulators and chains fit into the vector registers: AVX-512. With 16 registers
+// a 64-byte Vec takes two, and GCC spills them: measured (cpu_kernel_bench, llava15-7b B=8,
+// 2 threads, interleaved, ms) with AVX2 the input gradient 19-22 vs 7.7 (bf16) and 11.2 vs 7.9
+// (fp32), the weight gradient 8.6-8.7 vs 4.7-4.8 and 9.6-9.7 vs 5.9 against the per-pixel and
+// per-window loops, which stay there. The baseline build (SSE, the fallback for CPUs without
+// AVX2) keeps them too: its weight gradient was slower from registers (7.4-7.5 vs 5.9-6.0 in
+// bf16, 9.0-9.2 vs 6.4-6.5 in fp32), its input gradient faster (6.4 vs 9.3-9.5 in fp32).
+constexpr bool kAvgBackwardStaged = SAEP_CPU_VEC_REGISTERS >= 32;
+
 template <typename T, typename A>
 SAEP_INLINE void avg_weight_grad(GradTask<T, A>& t) {
   using P = Packing<T, A>;
@@ -347,10 +357,11 @@ SAEP_INLINE void avg_weight_grad(GradTask<T, A>& t) {
   t.s.gwf.assign(size_t(k1 * k1 * v.ws), A(0));
   A* gwf = t.s.gwf.data();
   A* gw = t.gw;
-  with_patch_size(k1, [&](auto kc1) SAEP_LAMBDA_INLINE {
-    avg_weight_grad_staged<decltype(kc1)::value>(t, gwf);
-  });
-  const int64_t c_tail = v.C / P::kStep * P::kStep;
+  if constexpr (kAvgBackwardStaged)
+    with_patch_size(k1, [&](auto kc1) SAEP_LAMBDA_INLINE {
+      avg_weight_grad_staged<decltype(kc1)::value>(t, gwf);
+    });
+  const int64_t c_tail = kAvgBackwardStaged ? v.C / P::kStep * P::kStep : 0;
   if (c_tail < v.C) avg_weight_grad_tail(t, gwf, c_tail);
   for (int u = 0; u < k; ++u)
     for (int vv = 0; vv < k; ++vv) {
@@ -361,7 +372,7 @@ SAEP_INLINE void avg_weight_grad(GradTask<T, A>& t) {
           for (int64_t q = 0; q < v.C; ++q) dst[q] += A(0.25) * src[q];
         }
     }
-  if constexpr (P::kDeinterleaved) {
+  if constexpr (kAvgBackwardStaged && P::kDeinterleaved) {
     std::vector<A>& row = t.s.gwf;  // a row in channel order (F is spent)
     row.resize(size_t(v.C));
     for (int tap = 0; tap < k * k; ++tap) {
@@ -716,10 +727,12 @@ struct BackwardTask {
     if (t.g.pool == Pool::Avg) {
       fold_avg(t.g, s.w, s.wf);
       if (t.gx) {
-        with_patch_size(t.v.k1, [&](auto k1) SAEP_LAMBDA_INLINE {
-          avg_input_grad_staged<decltype(k1)::value>(t);
-        });
-        const int64_t c_tail = C / Packing<T, A>::kStep * Packing<T, A>::kStep;
+        if constexpr (kAvgBackwardStaged)
+          with_patch_size(t.v.k1, [&](auto k1) SAEP_LAMBDA_INLINE {
+            avg_input_grad_staged<decltype(k1)::value>(t);
+          });
+        const int64_t c_tail =
+            kAvgBackwardStaged ? C / Packing<T, A>::kStep * Packing<T, A>::kStep : 0;
         if (c_tail < C) avg_input_grad(t, c_tail);
       }
       if (t.gw) avg_weight_grad(t);
