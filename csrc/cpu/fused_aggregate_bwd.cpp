@@ -218,6 +218,23 @@ SAEP_INLINE void avg_input_grad_staged(const GradTask<T, A>& t) {
   }
 }
 
+// The weight gradients' walk over the staged input rows (StagedRows): one strip of the whole
+// width, so that windows come in raster order; for each window row oi, f(oi, rows, a_lo, a_hi,
+// st, next) with rows[a] the staged input row 2 oi - p + a for the in-grid patch rows
+// a in [a_lo, a_hi), and next the prefetch of the rows the next window row stages.
+template <int K1, typename T, typename A, typename F>
+SAEP_INLINE void for_staged_window_rows(const View<T, A>& v, Scratch<A>& s, F&& f) {
+  constexpr int64_t kWholeWidth = std::numeric_limits<int64_t>::max();
+  for_staged_strips<K1>(v, s, kWholeWidth, [&](int64_t oi, int64_t, int64_t,
+                                               const StagedRows<T, A>& st) SAEP_LAMBDA_INLINE {
+    const int64_t r0 = 2 * oi - v.pad;
+    const int a_lo = int(std::max<int64_t>(0, -r0)), a_hi = int(std::min<int64_t>(K1, v.H - r0));
+    const A* rows[K1];
+    for (int a = a_lo; a < a_hi; ++a) rows[a] = st.slot(r0 + a, K1);
+    f(oi, static_cast<const A* const*>(rows), a_lo, a_hi, st, st.next_rows(v, r0 + K1));
+  });
+}
+
 // Full windows: g_z = g_y / 4 at all four positions, so
 //   grad_w[u, v] = 1/4 sum_{dy,dx} F[u+dy, v+dx],  F[a, e] = sum_w g_y * x(patch a, e);
 // partial windows (last row/column of odd grids) add their in-grid positions directly. F
@@ -234,15 +251,10 @@ SAEP_INLINE void avg_weight_grad_staged(GradTask<T, A>& t, A* gwf) {
   const View<T, A>& v = t.v;
   const int64_t ws = v.ws;
   A* const gw = t.gw;
-  constexpr int64_t kWholeWidth = std::numeric_limits<int64_t>::max();
-  for_staged_strips<K1>(v, t.s, kWholeWidth, [&](int64_t oi, int64_t, int64_t,
-                                                  const StagedRows<T, A>& st) SAEP_LAMBDA_INLINE {
+  for_staged_window_rows<K1>(v, t.s, [&](int64_t oi, const A* const* rows, int a_lo, int a_hi,
+                                         const StagedRows<T, A>& st,
+                                         const Prefetch& next) SAEP_LAMBDA_INLINE {
     const int64_t ps = st.px_stride;
-    const int64_t r0 = 2 * oi - v.pad;
-    const int a_lo = int(std::max<int64_t>(0, -r0)), a_hi = int(std::min<int64_t>(K1, v.H - r0));
-    const A* rows[K1];
-    for (int a = a_lo; a < a_hi; ++a) rows[a] = st.slot(r0 + a, K1);
-    const Prefetch next = st.next_rows(v, r0 + K1);
     const auto block = [&](int64_t g, auto qc) SAEP_LAMBDA_INLINE {
       constexpr int q = decltype(qc)::value;
       const int64_t b = g * P::kVecs + q;
@@ -662,17 +674,11 @@ SAEP_INLINE void max_weight_grad_staged(GradTask<T, A>& t) {
   constexpr int K = K1 - 1, VL = vec_lanes<A>();
   const View<T, A>& v = t.v;
   const int64_t ws = v.ws;
-  // one strip of the whole width: windows in raster order
-  constexpr int64_t kWholeWidth = std::numeric_limits<int64_t>::max();
-  for_staged_strips<K1>(v, t.s, kWholeWidth, [&](int64_t oi, int64_t, int64_t,
-                                                  const StagedRows<T, A>& st) SAEP_LAMBDA_INLINE {
+  for_staged_window_rows<K1>(v, t.s, [&](int64_t oi, const A* const* rows, int a_lo, int a_hi,
+                                         const StagedRows<T, A>& st,
+                                         const Prefetch& next) SAEP_LAMBDA_INLINE {
     const int64_t ps = st.px_stride;
-    const int64_t r0 = 2 * oi - v.pad;
-    const int a_lo = int(std::max<int64_t>(0, -r0)), a_hi = int(std::min<int64_t>(K1, v.H - r0));
     const int rows_in = 1 + int(2 * oi + 1 < v.H);
-    const A* rows[K1];
-    for (int a = a_lo; a < a_hi; ++a) rows[a] = st.slot(r0 + a, K1);
-    const Prefetch next = st.next_rows(v, r0 + K1);
     for (int64_t b = 0; b < st.blocks; ++b) {
       next.block(b, st.blocks);
       const int64_t c_group = (b / P::kVecs) * P::kStep;
