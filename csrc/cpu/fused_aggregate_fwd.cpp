@@ -4,8 +4,10 @@
 // avg: one stride-2 (k+1)x(k+1) conv with the folded kernel of the window's variant. fp32/fp64:
 // a window row's input rows are staged once (pixels apart by a padded stride: StagedRows);
 // then, one vector of channels at a time, the folded weights stay in registers while the row's
-// windows slide along, four at a time. 16-bit inputs: window by window (bf16 in pairs), each
-// over all channels (avg_forward_k says why).
+// windows slide along, four at a time. bf16 with AVX-512: from the input in place, window row
+// by window row and group by group in passes of two patch rows, the pass's weights in
+// registers (avg_forward_row_passes). Other 16-bit inputs: window by window (bf16 in pairs),
+// each over all channels (avg_forward_k says why).
 // max: from the same staged rows, one vector of channels at a time, the weights in registers;
 // a window's four conv outputs (two windows' eight, kMaxWindows) are interleaved chains, then
 // the running maximum; the argmax (window position 0..3) is saved for the backward when asked.
@@ -255,15 +257,141 @@ SAEP_INLINE void avg_forward_windows(const View<T, A>& v, const A* bias, T* out,
   }
 }
 
+// 16-bit inputs from the input in place, window row by window row and one Packing group of
+// channels at a time, in passes of two patch rows: a pass keeps the two rows' folded weights
+// of both vectors of the group in registers while the row's windows slide along, two at a
+// time where their patches' columns are all in the grid (each pixel loaded once for both),
+// else one with its in-grid columns only; a window's sums wait in s.held between passes. Each
+// sum adds the bias, then the taps row by row, as avg_window. Windows of another variant than
+// the row's first (the last of an odd width) and the channels past the last full group:
+// avg_window.
+template <int K1, typename T, typename A>
+SAEP_INLINE void avg_forward_row_passes(const View<T, A>& v, const A* bias, T* out,
+                                        Scratch<A>& s) {
+  using P = Packing<T, A>;
+  constexpr int NV = P::kVecs, VL = vec_lanes<A>(), NW = 2;
+  const int64_t ws = v.ws, st = v.st, groups = v.C / P::kStep;
+  const PackedWeights<A> packed = pack_weights<T>(s, s.wf.data(), 4 * K1 * K1, ws, v.C, bias);
+  s.held.resize(size_t(v.Wo * NV * VL));
+  A* const held = s.held.data();
+  for (int64_t oi = 0; oi < v.Ho; ++oi) {
+    const int64_t r0 = 2 * oi - v.pad;
+    const int a_lo = int(std::max<int64_t>(0, -r0)), a_hi = int(std::min<int64_t>(K1, v.H - r0));
+    const int variant = variant_of(v.g, oi, 0);
+    // the windows of the row's variant: all, or all but the last of an odd width
+    const int64_t oj_end = variant_of(v.g, oi, v.Wo - 1) == variant ? v.Wo : v.Wo - 1;
+    T* o_row = out + oi * v.Wo * v.kc;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t c = g * P::kStep;
+#pragma GCC unroll 4
+      for (int a0 = 0; a0 < K1; a0 += 2) {
+        const bool first = a0 == 0, last = a0 + 2 >= K1;
+        const bool row_in[2] = {a0 >= a_lo && a0 < a_hi, a0 + 1 >= a_lo && a0 + 1 < a_hi};
+        if (!first && !last && !row_in[0] && !row_in[1]) continue;
+        Vec<A> w[2][K1][NV];
+#pragma GCC unroll 2
+        for (int d = 0; d < 2; ++d)
+#pragma GCC unroll 8
+          for (int e = 0; e < K1; ++e)
+#pragma GCC unroll 2
+            for (int h = 0; h < NV; ++h)
+              w[d][e][h] = VecIO<A, A>::load(packed.w + ((variant * K1 + a0 + d) * K1 + e) * ws +
+                                             (g * NV + h) * VL);
+        const T* xrow[2];
+        for (int d = 0; d < 2; ++d) xrow[d] = row_in[d] ? v.px(r0 + a0 + d, 0) + c : nullptr;
+        // windows [oj, oj + n): their sums so far, then the pass's taps, then on
+        const auto start = [&](int64_t oj, Vec<A>(&acc)[NV]) SAEP_LAMBDA_INLINE {
+#pragma GCC unroll 2
+          for (int h = 0; h < NV; ++h)
+            acc[h] = first ? (packed.bias ? VecIO<A, A>::load(packed.bias + (g * NV + h) * VL)
+                                          : Vec<A>{})
+                           : VecIO<A, A>::load(held + (oj * NV + h) * VL);
+        };
+        const auto finish = [&](int64_t oj, Vec<A>(&acc)[NV]) SAEP_LAMBDA_INLINE {
+          if (last) {
+            P::store(o_row + oj * v.kc + c, acc);
+          } else {
+#pragma GCC unroll 2
+            for (int h = 0; h < NV; ++h) VecIO<A, A>::store(held + (oj * NV + h) * VL, acc[h]);
+          }
+        };
+        for (int64_t oj = 0; oj < oj_end;) {
+          const int64_t j0 = 2 * oj - v.pad;
+          if (oj + NW <= oj_end && j0 >= 0 && j0 + 2 * (NW - 1) + K1 <= v.W) {
+            Vec<A> acc[NW][NV];
+#pragma GCC unroll 2
+            for (int i = 0; i < NW; ++i) start(oj + i, acc[i]);
+#pragma GCC unroll 2
+            for (int d = 0; d < 2; ++d) {
+              if (!row_in[d]) continue;
+#pragma GCC unroll 16
+              for (int col = 0; col < K1 + 2 * (NW - 1); ++col) {
+                Vec<A> x[NV];
+                P::load(xrow[d] + (j0 + col) * st, x);
+#pragma GCC unroll 2
+                for (int i = 0; i < NW; ++i) {
+                  const int e = col - 2 * i;
+                  if (e < 0 || e >= K1) continue;
+#pragma GCC unroll 2
+                  for (int h = 0; h < NV; ++h) acc[i][h] += x[h] * w[d][e][h];
+                }
+              }
+            }
+#pragma GCC unroll 2
+            for (int i = 0; i < NW; ++i) finish(oj + i, acc[i]);
+            oj += NW;
+            continue;
+          }
+          // one window, its in-grid columns [e_lo, e_hi)
+          const int e_lo = int(std::max<int64_t>(0, -j0));
+          const int e_hi = int(std::min<int64_t>(K1, v.W - j0));
+          Vec<A> acc[NV];
+          start(oj, acc);
+#pragma GCC unroll 2
+          for (int d = 0; d < 2; ++d) {
+            if (!row_in[d]) continue;
+#pragma GCC unroll 8
+            for (int e = 0; e < K1; ++e) {
+              if (e < e_lo || e >= e_hi) continue;
+              Vec<A> x[NV];
+              P::load(xrow[d] + (j0 + e) * st, x);
+#pragma GCC unroll 2
+              for (int h = 0; h < NV; ++h) acc[h] += x[h] * w[d][e][h];
+            }
+          }
+          finish(oj, acc);
+          ++oj;
+        }
+      }
+    }
+    const int64_t c_tail = groups * P::kStep;
+    for (int64_t oj = 0; oj < v.Wo; ++oj) {
+      const int64_t c_begin = oj < oj_end ? c_tail : 0;
+      if (c_begin < v.C)
+        avg_window(v, s.wf.data() + variant_of(v.g, oi, oj) * K1 * K1 * ws, bias, oi, oj,
+                   o_row + oj * v.kc, c_begin);
+    }
+  }
+}
+
 // The staged path where staging keeps the input's width (fp32, fp64): measured (cpu_kernel_bench,
 // B=8, 2 threads, interleaved) 12% faster for llava15-7b and 18% for siglip-so400m in fp32.
-// bf16 inputs stay window by window: staged in fp32 they were 10-15% slower at B=8 (though 1.6x
-// faster for a single image whose input is in cache), the staged rows doubling the bytes
-// written and read back through L2.
+// bf16 inputs are not staged: staged in fp32 they were 10-15% slower than window pairs at B=8
+// (though 1.6x faster for a single image whose input is in cache), the staged rows doubling
+// the bytes written and read back through L2. Row passes from the input in place, the weights
+// in registers, were faster than window pairs (AVX-512, ms): llava15-7b 2.15-2.34 vs 3.1-3.2,
+// siglip-so400m 3.9-4.2 vs 4.7-5.0; with AVX-512 only: their 16 weight vectors and four sums
+// need 32 registers, and with AVX2 (16 registers, two per 64-byte Vec) they spill: 5.8-6.7
+// vs 5.1-5.3 ms for window pairs at llava15-7b (cpu_kernel_bench, B=8, 2 threads,
+// interleaved). Four windows at a time instead of two were slower (3.25 vs 2.16 ms).
+constexpr bool kAvgRowPasses = SAEP_CPU_VEC_REGISTERS >= 32;
+
 template <int K1, typename T, typename A>
 SAEP_INLINE void avg_forward_k(const View<T, A>& v, const A* bias, T* out, Scratch<A>& s) {
   if constexpr (sizeof(T) == sizeof(A))
     avg_forward_staged<K1>(v, bias, out, s);
+  else if constexpr (kAvgRowPasses && std::is_same<T, bf16>::value)
+    avg_forward_row_passes<K1>(v, bias, out, s);
   else
     avg_forward_windows<K1>(v, bias, out, s);
 }
