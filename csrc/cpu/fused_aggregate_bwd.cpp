@@ -150,7 +150,8 @@ SAEP_INLINE void avg_input_grad_staged(const GradTask<T, A>& t) {
       constexpr int q = decltype(qc)::value;
       const int64_t c_group = g * P::kStep, b = g * P::kVecs + q;
       // this row's folded weights of the windows with full columns: w[d][e] is window row
-      // m - d's, patch row 2d + r, column e (window rows out of the grid: variant 0's, unused)
+      // m - d's, patch row 2d + r, column e (window rows out of the grid: variant 2's rows of
+      // the scratch, which fold_avg leaves unset on even grids; loaded, never used)
       Vec<A> w[H2][K1];
 #pragma GCC unroll 16
       for (int d = 0; d < H2; ++d)
