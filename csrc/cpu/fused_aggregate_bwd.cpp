@@ -219,6 +219,22 @@ SAEP_INLINE void avg_input_grad_staged(const GradTask<T, A>& t) {
   }
 }
 
+// The task's weight-gradient rows (taps of them, v.ws apart) from Packing's channel order,
+// which the register kernels accumulate in, back to channel order (through t.s.gwf, whose
+// contents are spent by then).
+template <typename T, typename A>
+SAEP_INLINE void unpack_weight_grad(GradTask<T, A>& t, int taps) {
+  using P = Packing<T, A>;
+  if constexpr (P::kDeinterleaved) {
+    std::vector<A>& row = t.s.gwf;
+    row.resize(size_t(t.v.C));
+    for (int tap = 0; tap < taps; ++tap) {
+      P::interleave(t.gw + tap * t.v.ws, row.data(), t.v.C);
+      std::copy_n(row.data(), t.v.C, t.gw + tap * t.v.ws);
+    }
+  }
+}
+
 // The weight gradients' walk over the staged input rows (StagedRows): one strip of the whole
 // width, so that windows come in raster order; for each window row oi, f(oi, rows, a_lo, a_hi,
 // st, next) with rows[a] the staged input row 2 oi - p + a for the in-grid patch rows
@@ -385,14 +401,7 @@ SAEP_INLINE void avg_weight_grad(GradTask<T, A>& t) {
           for (int64_t q = 0; q < v.C; ++q) dst[q] += A(0.25) * src[q];
         }
     }
-  if constexpr (kAvgBackwardStaged && P::kDeinterleaved) {
-    std::vector<A>& row = t.s.gwf;  // a row in channel order (F is spent)
-    row.resize(size_t(v.C));
-    for (int tap = 0; tap < k * k; ++tap) {
-      P::interleave(gw + tap * v.ws, row.data(), v.C);
-      std::copy_n(row.data(), v.C, gw + tap * v.ws);
-    }
-  }
+  if constexpr (kAvgBackwardStaged) unpack_weight_grad(t, k * k);
 }
 
 // grad_x(i, j) = residual * g_z(i, j) + sum_{u,v} w[u, v] * g_z(i - u + p, j - v + p) for the
@@ -704,14 +713,7 @@ SAEP_INLINE void max_weight_grad_staged(GradTask<T, A>& t) {
       store_taps<K>(t.gw, ws, b, acc);
     }
   });
-  if constexpr (P::kDeinterleaved) {
-    std::vector<A>& row = t.s.gwf;  // a row in channel order
-    row.resize(size_t(v.C));
-    for (int tap = 0; tap < K * K; ++tap) {
-      P::interleave(t.gw + tap * ws, row.data(), v.C);
-      std::copy_n(row.data(), v.C, t.gw + tap * ws);
-    }
-  }
+  unpack_weight_grad(t, K * K);
 }
 
 // The sum of g_z over a window's pixels is its g_y: grad_b sums g_y directly.
