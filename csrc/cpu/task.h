@@ -292,6 +292,12 @@ struct Packing {
   static constexpr int kStep = vec_lanes<A>();
   static constexpr bool kDeinterleaved = false;
   static SAEP_INLINE void load(const T* p, Vec<A>* v) { v[0] = VecIO<T, A>::load(p); }
+  // vector Q of the group at p (what load puts into v[Q])
+  template <int Q>
+  static SAEP_INLINE Vec<A> load_vec(const T* p) {
+    static_assert(Q == 0, "one vector a group");
+    return VecIO<T, A>::load(p);
+  }
   static SAEP_INLINE void store(T* p, const Vec<A>* v) { VecIO<T, A>::store(p, v[0]); }
   // store, with stream_store where a group is a whole vector of T (p aligned to it)
   static SAEP_INLINE void stream(T* p, const Vec<A>* v) {
@@ -312,6 +318,16 @@ struct Packing<bf16, float> {
     std::memcpy(&u, p, sizeof u);
     v[0] = (Vec<float>)(u << 16);           // channels c, c + 2, ..., c + 30
     v[1] = (Vec<float>)(u & 0xffff0000u);   // channels c + 1, c + 3, ..., c + 31
+  }
+  template <int Q>
+  static SAEP_INLINE Vec<float> load_vec(const bf16* p) {
+    static_assert(Q == 0 || Q == 1, "two vectors a group");
+    Bits u;
+    std::memcpy(&u, p, sizeof u);
+    if constexpr (Q == 0)
+      return (Vec<float>)(u << 16);
+    else
+      return (Vec<float>)(u & 0xffff0000u);
   }
   static SAEP_INLINE Bits round(Vec<float> v) {  // float_to_bf16, lane-wise
     const Bits u = (Bits)v;
@@ -473,12 +489,26 @@ SAEP_INLINE void fold_avg(const Geometry& g, const std::vector<A>& w, std::vecto
   }
 }
 
-// The input bytes the next window row will stage, fetched into L2 in slices while this row's
-// blocks compute, so that reading memory overlaps the arithmetic (staging alone reads a burst
-// and computes nothing, which the hardware prefetchers do not hide).
+// The input bytes the next window row will read (stage, or read in place), fetched into L2 in
+// slices while this row's blocks compute, so that reading memory overlaps the arithmetic
+// (staging alone reads a burst and computes nothing, which the hardware prefetchers do not
+// hide; read in place, one group of channels at a time, the rows are lines a pixel apart).
 struct Prefetch {
   const char* begin[2];
   int64_t lines[2];
+  // input rows r and r + 1 (those in the grid), columns [j_lo, j_lo + cols), when the rows'
+  // pixels are contiguous (token stride C); nothing otherwise
+  template <typename View_>
+  static Prefetch rows(const View_& v, int64_t r, int64_t j_lo, int64_t cols) {
+    Prefetch p{{nullptr, nullptr}, {0, 0}};
+    for (int i = 0; i < 2; ++i)
+      if (v.st == v.C && r + i < v.H) {
+        p.begin[i] = reinterpret_cast<const char*>(v.px(r + i, j_lo));
+        p.lines[i] = (cols * v.C * int64_t(sizeof(*v.x)) + 63) / 64;
+      }
+    return p;
+  }
+  // slice b of blocks
   SAEP_INLINE void block(int64_t b, int64_t blocks) const {
     for (int i = 0; i < 2; ++i) {
       const int64_t per = (lines[i] + blocks - 1) / blocks;
@@ -520,13 +550,7 @@ struct StagedRows {
   // pixels are contiguous (token stride C); nothing otherwise
   template <typename View_>
   Prefetch next_rows(const View_& v, int64_t r) const {
-    Prefetch p{{nullptr, nullptr}, {0, 0}};
-    for (int i = 0; i < 2; ++i)
-      if (v.st == v.C && r + i < v.H) {
-        p.begin[i] = reinterpret_cast<const char*>(v.px(r + i, j_lo));
-        p.lines[i] = (cols * v.C * int64_t(sizeof(T)) + 63) / 64;
-      }
-    return p;
+    return Prefetch::rows(v, r, j_lo, cols);
   }
   // input row r, columns [j_lo, j_lo + cols), into its slot
   template <typename View_>
