@@ -44,7 +44,10 @@ const Grid kGrids[] = {
 const DType kDtypes[] = {DType::F32, DType::BF16, DType::F16, DType::F64};
 
 const char* dtype_name(DType dt) {
-  return dt == DType::F64 ? "fp64" : dt == DType::F32 ? "fp32" : dt == DType::BF16 ? "bf16" : "fp16";
+  return dt == DType::F64    ? "fp64"
+         : dt == DType::F32  ? "fp32"
+         : dt == DType::BF16 ? "bf16"
+                             : "fp16";
 }
 
 int element_size(DType dt) {
@@ -175,7 +178,8 @@ int main() {
                 put(grad_out.data() + i * es, value(normal(rng)), es, dt);
               std::vector<std::vector<char>> grad_x(g.num_layers,
                                                     std::vector<char>(layer_elements * es, 0x33));
-              std::vector<char> grad_w(g.batch * taps * kc * ps, 0x11), grad_b(g.batch * kc * ps, 0x22);
+              std::vector<char> grad_w(g.batch * taps * kc * ps, 0x11);
+              std::vector<char> grad_b(g.batch * kc * ps, 0x22);
               saep::BwdParams bp{};
               bp.g = g;
               bp.x = fp.x;

@@ -9,9 +9,9 @@
 // registers (avg_forward_row_passes). Other 16-bit inputs: window by window (bf16 in pairs),
 // each over all channels (avg_forward_k says why).
 // max: one vector of channels at a time, the weights in registers, from the same staged rows
-// (bf16 with AVX-512: from the input in place, max_forward_in_place); a window's four conv
-// outputs (two windows' eight, kMaxWindows) are interleaved chains, then the running maximum;
-// the argmax (window position 0..3) is saved for the backward when asked.
+// (bf16 and fp32 with AVX-512: from the input in place, max_forward_in_place); a window's
+// four conv outputs (two windows' eight, kMaxWindows) are interleaved chains, then the running
+// maximum; the argmax (window position 0..3) is saved for the backward when asked.
 // max_window (each position a dot product over all channels, from the input in place) does the
 // channels past the last full vector group.
 #include "fused_aggregate_cpu.h"
@@ -405,7 +405,7 @@ SAEP_INLINE void avg_forward(const View<T, A>& v, const A* bias, T* out, Scratch
   });
 }
 
-// ---- max from the staged rows
+// ---- max: from the staged rows, or from the input in place
 
 // The running maximum: takes position d's value z where it is larger than best or NaN (a NaN
 // wins, as in torch.max_pool2d; the rule of max_window), with its window_code.
@@ -621,8 +621,8 @@ SAEP_INLINE void max_forward_staged(const View<T, A>& v, const A* bias, T* out, 
   });
 }
 
-// bf16 from the input in place, window row by window row, one vector block of a Packing group
-// at a time (each load of a pixel's group split into the block's even or odd channels), the
+// From the input in place, window row by window row, one vector block of a Packing group at a
+// time (bf16: each load of a pixel's group split into the block's even or odd channels), the
 // block's weights in registers, as max_forward_staged walks its staged rows; the next window
 // row's new input rows are prefetched in slices, one a group.
 template <int K1, bool kResidual, typename T, typename A>
@@ -668,20 +668,22 @@ SAEP_INLINE void max_forward_in_place(const View<T, A>& v, const A* bias, T* out
   }
 }
 
-// bf16 from the input in place with AVX-512 (the registers hold the k * k weights and both
-// windows' eight chains; the staged kernels' loop otherwise): measured (cpu_kernel_bench, B=8,
-// 2 threads, interleaved, ms) against the staged rows, whose staging writes and reads back
-// twice the input's bytes, llava15-7b 4.1-4.4 vs 5.0-5.1, siglip-so400m 5.6-5.9 vs 6.7-7.6
-// (without the prefetch of the next rows 11.6-12.2: a 27 x 27 x 1152 image's rows, walked one
-// group a time, were read at the latency of memory). Other dtypes from the staged rows:
-// measured against the window-by-window kernel (max_window over all channels, from the input
-// in place), fp32 1.5x faster for llava15-7b and 1.35x for siglip-so400m, bf16 2-7% faster.
+// bf16 and fp32 from the input in place with AVX-512 (the registers hold the k * k weights and
+// both windows' eight chains; the staged kernels' loop otherwise): measured (cpu_kernel_bench,
+// B=8, 2 threads, interleaved, ms) against the staged rows, whose staging writes and reads back
+// the input's bytes (twice them in bf16, staged as fp32): bf16 llava15-7b 4.1-4.4 vs 5.0-5.1,
+// siglip-so400m 5.6-5.9 vs 6.7-7.6 (without the prefetch of the next rows 11.6-12.2: a 27 x 27
+// x 1152 image's rows, walked one group a time, were read at the latency of memory); fp32
+// llava15-7b 4.6-4.8 vs 4.9-5.3, siglip-so400m 6.7-7.1 vs 7.7-7.9. Other dtypes and instruction
+// sets from the staged rows: measured against the window-by-window kernel (max_window over all
+// channels, from the input in place), fp32 1.5x faster for llava15-7b and 1.35x for
+// siglip-so400m, bf16 2-7% faster.
 constexpr bool kMaxInPlace = SAEP_CPU_VEC_REGISTERS >= 32;
 
 template <int K1, bool kResidual, typename T, typename A>
 SAEP_INLINE void max_forward_k(const View<T, A>& v, const A* bias, T* out, uint8_t* argmax,
                                Scratch<A>& s) {
-  if constexpr (kMaxInPlace && std::is_same<T, bf16>::value)
+  if constexpr (kMaxInPlace && (std::is_same<T, bf16>::value || std::is_same<T, float>::value))
     max_forward_in_place<K1, kResidual>(v, bias, out, argmax, s);
   else
     max_forward_staged<K1, kResidual>(v, bias, out, argmax, s);
