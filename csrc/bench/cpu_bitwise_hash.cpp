@@ -120,17 +120,8 @@ int main() {
         for (const Pool pool : {Pool::Avg, Pool::Max})
           for (const bool residual : {false, true})
             for (const bool special : {false, true}) {
-              Geometry g{};
-              g.batch = grid.batch;
-              g.channels = grid.channels;
-              g.height = grid.height;
-              g.width = grid.width;
-              g.prefix = grid.prefix;
-              g.num_layers = grid.layers;
-              g.ksize = grid.ksize;
-              g.residual = residual;
-              g.pool = pool;
-              g.dtype = dt;
+              const Geometry g{grid.batch, grid.channels, grid.height, grid.width, grid.prefix,
+                               grid.layers, grid.ksize, residual, pool, dt};
               const int es = element_size(dt), ps = parameter_size(dt);
               // a normal value, or one of NaN, +-inf, +-0 one time in 13 where special
               const auto value = [&](float v) {
