@@ -291,13 +291,13 @@ struct Packing {
   static constexpr int kVecs = 1;
   static constexpr int kStep = vec_lanes<A>();
   static constexpr bool kDeinterleaved = false;
-  static SAEP_INLINE void load(const T* p, Vec<A>* v) { v[0] = VecIO<T, A>::load(p); }
   // vector Q of the group at p (what load puts into v[Q])
   template <int Q>
   static SAEP_INLINE Vec<A> load_vec(const T* p) {
     static_assert(Q == 0, "one vector a group");
     return VecIO<T, A>::load(p);
   }
+  static SAEP_INLINE void load(const T* p, Vec<A>* v) { v[0] = load_vec<0>(p); }
   static SAEP_INLINE void store(T* p, const Vec<A>* v) { VecIO<T, A>::store(p, v[0]); }
   // store, with stream_store where a group is a whole vector of T (p aligned to it)
   static SAEP_INLINE void stream(T* p, const Vec<A>* v) {
@@ -313,12 +313,7 @@ struct Packing<bf16, float> {
   static constexpr int kVecs = 2;
   static constexpr int kStep = 32;
   static constexpr bool kDeinterleaved = true;
-  static SAEP_INLINE void load(const bf16* p, Vec<float>* v) {
-    Bits u;
-    std::memcpy(&u, p, sizeof u);
-    v[0] = (Vec<float>)(u << 16);           // channels c, c + 2, ..., c + 30
-    v[1] = (Vec<float>)(u & 0xffff0000u);   // channels c + 1, c + 3, ..., c + 31
-  }
+  // vector 0: channels c, c + 2, ..., c + 30; vector 1: channels c + 1, c + 3, ..., c + 31
   template <int Q>
   static SAEP_INLINE Vec<float> load_vec(const bf16* p) {
     static_assert(Q == 0 || Q == 1, "two vectors a group");
@@ -328,6 +323,10 @@ struct Packing<bf16, float> {
       return (Vec<float>)(u << 16);
     else
       return (Vec<float>)(u & 0xffff0000u);
+  }
+  static SAEP_INLINE void load(const bf16* p, Vec<float>* v) {
+    v[0] = load_vec<0>(p);
+    v[1] = load_vec<1>(p);
   }
   static SAEP_INLINE Bits round(Vec<float> v) {  // float_to_bf16, lane-wise
     const Bits u = (Bits)v;
