@@ -145,7 +145,9 @@ struct Task {
 
 template <typename Params>
 inline Task task_at(const Params& p, int64_t t) {
-  Task task{t / p.g.num_layers, int32_t(t % p.g.num_layers), p.g, p.images != nullptr, 0, 0};
+  // layer by layer: a chunk's consecutive tasks share their layer's weights (the forward
+  // prepares them once per layer, ForwardTask)
+  Task task{t % p.g.batch, int32_t(t / p.g.batch), p.g, p.images != nullptr, 0, 0};
   if (task.packed) {
     const int64_t* row = p.images + task.b * kImageFields;
     task.g.height = row[kImageHeight];
@@ -568,11 +570,24 @@ struct StagedRows {
   }
 };
 
+// Weight rows (rows of them, ws apart, C channels used) and the bias (may be null) in
+// Packing's channel order, block b's at b * VL: the arguments themselves where Packing keeps
+// the input's order, else deinterleaved copies in Scratch::packed_w and packed_b.
+template <typename A>
+struct PackedWeights {
+  const A* w;
+  const A* bias;
+};
+
 // Per-thread scratch memory, reused by the tasks a thread runs.
 template <typename A>
 struct Scratch {
   std::vector<A> w, wf, gw, gwf, gb, gz;
   std::vector<A> packed_w, packed_b;  // weights and bias in Packing's channel order
+  PackedWeights<A> packed{nullptr, nullptr};  // the forward's: packed_w, packed_b or w, wf
+  // in a chunk's scratch (fresh each call): the weights_key of the weights the forward's
+  // tasks prepared last (in the thread's scratch, forward_scratch), -1 for none
+  int64_t weights_key = -1;
   std::vector<A> ring;                 // the forward's staged input rows (StagedRows)
   std::vector<A> held;                 // results of a group's first vectors (store_block)
   std::vector<uint8_t> held_code;      // and the max forward's argmax codes of them
@@ -660,15 +675,6 @@ SAEP_INLINE void store_block(Scratch<A>& s, int64_t n, int q, int64_t i, Vec<A> 
   else
     P::store(o, all);
 }
-
-// Weight rows (rows of them, ws apart, C channels used) and the bias (may be null) in
-// Packing's channel order, block b's at b * VL: the arguments themselves where Packing keeps
-// the input's order, else deinterleaved copies in s.packed_w and s.packed_b.
-template <typename A>
-struct PackedWeights {
-  const A* w;
-  const A* bias;
-};
 
 template <typename T, typename A>
 SAEP_INLINE PackedWeights<A> pack_weights(Scratch<A>& s, const A* w, int64_t rows, int64_t ws,
