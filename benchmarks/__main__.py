@@ -24,7 +24,8 @@ import torch
 from . import projectors as P
 from saep_kernels.configs import REFERENCE_BATCHES, Config
 from saep_kernels.configs import IMAGE_MIXES, REFERENCE_CONFIGS as CONFIGS
-from .harness import copy_bandwidth, format_table, metadata, time_interleaved, write_results
+from .harness import (copy_bandwidth, fix_malloc_thresholds, format_table, metadata,
+                      time_interleaved, write_results)
 from .llm import DEFAULT_LLM, LLMConfig, llm_forward, transformers_available
 from .op_bench import BASELINES, DTYPES, available_impls, bench_problem, op_bytes
 from .plots import (plot_bandwidth_fraction, plot_op_latency, plot_projectors, plot_sweep,
@@ -91,6 +92,9 @@ def parse_args(argv):
                    help="interleaved measurement rounds per implementation")
     p.add_argument("--min-run-time", type=float, default=2.0,
                    help="CPU: seconds of measurement per timing (split over the rounds)")
+    p.add_argument("--malloc", default="fixed", choices=["fixed", "default"],
+                   help="CPU: glibc malloc's mmap/trim thresholds fixed for the run (the "
+                        "default; harness.fix_malloc_thresholds says why) or glibc's dynamic ones")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="output directory")
     p.add_argument("--quick", action="store_true",
                    help="tiny problem, one short timing each: a smoke test, not a measurement")
@@ -175,6 +179,9 @@ def main(argv=None) -> int:
     meta = metadata(device)
     meta.update(parts=parts, rounds=rounds, cpu_min_run_time_s=min_run_time,
                 gpu_reps_ms=reps, quick=args.quick, compile_mode=args.compile_mode)
+    if device.type == "cpu":
+        fixed = fix_malloc_thresholds() if args.malloc == "fixed" else None
+        meta["malloc"] = fixed or ("not glibc" if args.malloc == "fixed" else "default")
     print(f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']}")
     rows = []
     steps = (len(op_configs) * len(batches) * len(dtypes) if "op" in parts else 0) + \

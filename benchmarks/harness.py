@@ -179,6 +179,37 @@ def copy_bandwidth(nbytes: int, device: torch.device, min_run_time: float = 1.0)
     return 2 * n * 4 / (t.median_ms * 1e-3)
 
 
+# glibc malloc's thresholds for a CPU run (fix_malloc_thresholds): the largest mmap threshold
+# glibc accepts on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX), and a trim threshold no run reaches
+MALLOC_MMAP_THRESHOLD = 32 * 2**20
+MALLOC_TRIM_THRESHOLD = 2**30
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+
+
+def fix_malloc_thresholds() -> Optional[Dict[str, int]]:
+    """Fix glibc malloc's mmap and trim thresholds for the rest of the process.
+
+    By default glibc moves its mmap threshold up as large blocks are freed, so whether a step's
+    large tensors are mapped afresh (page-faulted on first touch, every step) or reused from the
+    heap depends on what the process freed before, and flips from run to run. Measured here
+    (llava15-7b, B=8, bf16, max pooling, forward+backward of the cpu backend): 17.5-31.5 ms a
+    step with about 3,700 minor faults by default, 15.6-17.1 ms with 76-154 once fixed. Fixed
+    thresholds, as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set them, apply to every
+    implementation a run times alike. Returns the thresholds set, None where malloc is not
+    glibc's.
+    """
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+    if mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) != 1 or \
+            mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD) != 1:
+        return None
+    return {"mmap_threshold": MALLOC_MMAP_THRESHOLD, "trim_threshold": MALLOC_TRIM_THRESHOLD}
+
+
 def _proc_status_kb(field: str) -> Optional[int]:
     try:
         with open("/proc/self/status") as f:

@@ -4,8 +4,10 @@ end on tiny shapes (one short timing each; the numbers mean nothing)."""
 import csv
 import json
 import os
+import platform
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,9 @@ def test_main_job_quick(tmp_path):
     assert "fused_aggregate" in out and "projectors" in out and "sweep" in out
     data = json.loads((tmp_path / "results_cpu.json").read_text())
     assert data["metadata"]["device"] and data["metadata"]["torch"]
+    if platform.libc_ver()[0] == "glibc":
+        assert data["metadata"]["malloc"] == {"mmap_threshold": 32 * 2**20,
+                                              "trim_threshold": 2**30}
     kinds = {r["kind"] for r in data["rows"]}
     assert {"op", "projector", "sweep"} <= kinds
     with open(tmp_path / "results_cpu.csv") as f:
@@ -41,6 +46,41 @@ def test_main_job_quick(tmp_path):
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert len(pngs) >= 2, pngs
     assert all((tmp_path / p).stat().st_size > 10_000 for p in pngs)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_fixed_malloc_thresholds_take_effect():
+    """fix_malloc_thresholds changes where malloc puts a large block: a fresh process maps a
+    16 MiB block with mmap (the default threshold starts at 128 KiB), and after the call a
+    24 MiB block comes from the heap."""
+    code = textwrap.dedent("""
+        import ctypes
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                "uordblks", "fordblks", "keepcost")]
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        libc.malloc.restype = ctypes.c_void_p
+
+        def mapped_by(nbytes):  # bytes malloc mapped for one block of nbytes (kept)
+            before = libc.mallinfo2().hblkhd
+            assert libc.malloc(nbytes)
+            return libc.mallinfo2().hblkhd - before
+
+        print(mapped_by(16 << 20))
+        from benchmarks.harness import fix_malloc_thresholds
+        assert fix_malloc_thresholds() is not None
+        print(mapped_by(24 << 20))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    default_mapped, fixed_mapped = (int(x) for x in proc.stdout.split())
+    assert default_mapped >= 16 << 20
+    assert fixed_mapped == 0
 
 
 def test_pytest_benchmark_file(tmp_path):
