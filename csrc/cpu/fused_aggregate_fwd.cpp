@@ -260,14 +260,16 @@ SAEP_INLINE void avg_forward_windows(const View<T, A>& v, const A* bias, T* out,
 
 // The row passes prefetch the group kPrefetchGroups ahead of each pixel they load where the
 // pixels are more than kPrefetchStride bytes apart (the longest stride the L1 stride prefetcher
-// of recent Intel cores follows: 2 KB). A pass's loads are a pixel apart, each a new line, and
-// the next group's line of the pixel is not in L1. Measured (cpu_kernel_bench, bf16, k=3, B=8,
+// of recent Intel cores follows: 2 KB). A pass's loads are a pixel apart, each a new line; the
+// hardware did not have the later groups' lines of such pixels at hand in time (inferred from
+// the timings: this machine has no PMU counters). Measured (cpu_kernel_bench, bf16, k=3, B=8,
 // K=4, 2 threads, interleaved, ms), with vs without: 27 x 27, C=1152 (siglip-so400m, 2304-byte
-// pixels) 2.75-3.05 vs 3.55-3.84; C=1088 2.69-2.71 vs 3.35-3.79; 24 x 24, C=1088 1.85 vs
-// 2.06-2.13. At 2048-byte pixels and less no gain (24 x 24, C=1024, llava15-7b: 2.05-2.12 vs
-// 1.92-2.00; C=768 1.46-1.52 vs 1.41-1.53), so not there. Prefetching 1, 3, 4 or 6 groups
-// ahead, into L2 instead of L1, or the next window row's new input rows (Prefetch::rows) was no
-// better than 2 groups into L1.
+// pixels) 2.75-3.05 vs 3.55-3.84; 24 x 24, C=1024 (llava15-7b, 2048-byte pixels) 2.05-2.12 vs
+// 1.92-2.00, no gain, so not there. A sweep with the prefetch into L2 (as fast as into L1 at
+// siglip-so400m): C=1088 2.69-2.71 vs 3.35-3.79 (27 x 27), 1.85 vs 2.06-2.13 (24 x 24); C=1280
+// 3.28-3.60 vs 3.35-3.89, 2.33-2.55 vs 2.42-2.43; C=1024 and C=768 within the noise or slower.
+// Prefetching 1, 3, 4 or 6 groups ahead, or the next window row's new input rows
+// (Prefetch::rows), was no better than 2 groups.
 constexpr int kPrefetchGroups = 2;
 constexpr int64_t kPrefetchStride = 2048;
 
@@ -345,7 +347,8 @@ SAEP_INLINE void avg_forward_row_passes(const View<T, A>& v, const A* bias, T* o
                 P::load(xrow[d] + (j0 + col) * st, x);
                 // each column once: the next pair's first columns are this pair's last
                 if (kPrefetch && col < 2 * NW)
-                  __builtin_prefetch(xrow[d] + (j0 + col) * st + kPrefetchGroups * P::kStep, 0, 3);
+                  __builtin_prefetch(xrow[d] + (j0 + col) * st + kPrefetchGroups * P::kStep, 0,
+                                     3);
 #pragma GCC unroll 2
                 for (int i = 0; i < NW; ++i) {
                   const int e = col - 2 * i;
