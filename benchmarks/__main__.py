@@ -180,8 +180,8 @@ def main(argv=None) -> int:
     meta.update(parts=parts, rounds=rounds, cpu_min_run_time_s=min_run_time,
                 gpu_reps_ms=reps, quick=args.quick, compile_mode=args.compile_mode)
     if device.type == "cpu":
-        fixed = fix_malloc_thresholds() if args.malloc == "fixed" else None
-        meta["malloc"] = fixed or ("not glibc" if args.malloc == "fixed" else "default")
+        meta["malloc"] = "default" if args.malloc == "default" else \
+            fix_malloc_thresholds() or "not glibc"
     print(f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']}")
     rows = []
     steps = (len(op_configs) * len(batches) * len(dtypes) if "op" in parts else 0) + \

@@ -179,6 +179,16 @@ def copy_bandwidth(nbytes: int, device: torch.device, min_run_time: float = 1.0)
     return 2 * n * 4 / (t.median_ms * 1e-3)
 
 
+def _glibc_function(name: str):
+    """glibc's function `name` through ctypes, None where the C library is not glibc."""
+    try:
+        import ctypes
+
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 # glibc malloc's thresholds for a CPU run (fix_malloc_thresholds): the largest mmap threshold
 # glibc accepts on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX), and a trim threshold no run reaches
 MALLOC_MMAP_THRESHOLD = 32 * 2**20
@@ -198,11 +208,8 @@ def fix_malloc_thresholds() -> Optional[Dict[str, int]]:
     implementation a run times alike. Returns the thresholds set, None where malloc is not
     glibc's.
     """
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:
         return None
     if mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) != 1 or \
             mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD) != 1:
@@ -223,12 +230,9 @@ def _proc_status_kb(field: str) -> Optional[int]:
 
 def _release_free_heap() -> None:
     """Hand freed heap memory back to the OS (glibc), so it does not hide new allocations."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    malloc_trim = _glibc_function("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
