@@ -550,15 +550,20 @@ SAEP_INLINE void put_max_block(Scratch<A>& s, const View<T, A>& v, int64_t g, in
   }
 }
 
+struct NoStep {
+  SAEP_INLINE void operator()() const {}
+};
+
 // Windows [oj0, oj1) of window row oi for one vector block (vector q of group g), px(a, j) its
 // vector of patch row a (input row 2 oi - p + a) at input column j, the block's weights w and
 // bias b0 in registers: kMaxWindows at a time where their patches are all in the grid, else
-// one (max_block_edge at the grid's edge).
-template <int K1, bool kResidual, typename T, typename A, typename Px>
+// one (max_block_edge at the grid's edge). on_step() is called before each step (a window or
+// kMaxWindows of them).
+template <int K1, bool kResidual, typename T, typename A, typename Px, typename OnStep = NoStep>
 SAEP_INLINE void max_window_row_block(const View<T, A>& v, Scratch<A>& s, int64_t oi,
                                       int64_t oj0, int64_t oj1, int64_t g, int q, const Px& px,
                                       const Vec<A> (&w)[K1 - 1][K1 - 1], Vec<A> b0, T* o_row,
-                                      uint8_t* am_row) {
+                                      uint8_t* am_row, const OnStep& on_step = OnStep{}) {
   using M = typename VecOf<A>::Mask;
   constexpr int kWindows = kMaxWindows<K1 - 1>;
   const int64_t r0 = 2 * oi - v.pad;
@@ -570,6 +575,7 @@ SAEP_INLINE void max_window_row_block(const View<T, A>& v, Scratch<A>& s, int64_
     return full_rows && 2 * oj - v.pad >= 0 && 2 * oj - v.pad + K1 <= v.W;
   };
   for (int64_t oj = oj0; oj < oj1;) {
+    on_step();
     const int64_t j0 = 2 * oj - v.pad;
     if (kWindows > 1 && oj + kWindows <= oj1 && inside(oj) && inside(oj + kWindows - 1)) {
       Vec<A> best[kWindows];
@@ -647,7 +653,14 @@ SAEP_INLINE void max_forward_staged(const View<T, A>& v, const A* bias, T* out, 
 // From the input in place, window row by window row, one vector block of a Packing group at a
 // time (bf16: each load of a pixel's group split into the block's even or odd channels), the
 // block's weights in registers, as max_forward_staged walks its staged rows; the next window
-// row's new input rows are prefetched in slices, one a group.
+// row's new input rows are prefetched in slices, one a group, a line before each step of the
+// group's walks and the slice's rest after them. Measured against the whole slice at the
+// group's start (cpu_kernel_bench, B=8, 2 threads, 6 interleaved rounds, median ms [range]):
+// bf16 siglip-so400m 5.02 [4.93-5.31] vs 5.20 [4.95-5.44], llava15-7b 3.95 [3.88-4.03] vs
+// 4.09 [3.92-4.22]; fp32 siglip-so400m 7.13 [6.83-7.21] vs 7.99 [7.31-8.37], llava15-7b 4.53
+// [4.32-4.87] vs 4.78 [4.59-5.27]. Two lines a step measured the same; the slice spread evenly
+// over the steps (all lines before its walks end) was slower in fp32. A profile (perf, cpu-clock)
+// of the slice at once put 12% of the bf16 siglip-so400m samples on its prefetch loop.
 template <int K1, bool kResidual, typename T, typename A>
 SAEP_INLINE void max_forward_in_place(const View<T, A>& v, const A* bias, T* out,
                                       uint8_t* argmax, Scratch<A>& s) {
@@ -664,7 +677,8 @@ SAEP_INLINE void max_forward_in_place(const View<T, A>& v, const A* bias, T* out
     uint8_t* am_row = argmax ? argmax + oi * v.Wo * v.kc : nullptr;
     const Prefetch next = Prefetch::rows(v, r0 + K1, 0, v.W);
     for (int64_t g = 0; g < groups; ++g) {
-      next.block(g, groups);
+      Prefetch::Cursor slice = next.slice(g, groups);
+      const auto on_step = [&slice]() SAEP_LAMBDA_INLINE { slice.next(); };
       // patch row a's group g at input column 0
       const T* base[K1] = {};
       for (int a = a_lo; a < a_hi; ++a) base[a] = v.px(r0 + a, 0) + g * P::kStep;
@@ -677,10 +691,12 @@ SAEP_INLINE void max_forward_in_place(const View<T, A>& v, const A* bias, T* out
         const auto px = [&base, st](int a, int64_t j) SAEP_LAMBDA_INLINE {
           return P::template load_vec<q>(base[a] + j * st);
         };
-        max_window_row_block<K1, kResidual>(v, s, oi, 0, v.Wo, g, q, px, w, b0, o_row, am_row);
+        max_window_row_block<K1, kResidual>(v, s, oi, 0, v.Wo, g, q, px, w, b0, o_row, am_row,
+                                            on_step);
       };
       block(std::integral_constant<int, 0>{});
       if constexpr (P::kVecs == 2) block(std::integral_constant<int, 1>{});
+      slice.rest();
     }
     // the channels past the last full group
     const int64_t c_tail = groups * P::kStep;

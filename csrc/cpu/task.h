@@ -509,14 +509,34 @@ struct Prefetch {
       }
     return p;
   }
+  // The lines of one slice, to be fetched a line at a time (next) or all that are left (rest).
+  struct Cursor {
+    const char* at[2];
+    const char* end[2];
+    SAEP_INLINE void next() {
+      const int i = at[0] < end[0] ? 0 : 1;
+      if (at[i] >= end[i]) return;
+      __builtin_prefetch(at[i], 0, 2);
+      at[i] += 64;
+    }
+    SAEP_INLINE void rest() {
+      for (int i = 0; i < 2; ++i)
+        for (; at[i] < end[i]; at[i] += 64) __builtin_prefetch(at[i], 0, 2);
+    }
+  };
   // slice b of blocks
-  SAEP_INLINE void block(int64_t b, int64_t blocks) const {
+  SAEP_INLINE Cursor slice(int64_t b, int64_t blocks) const {
+    Cursor c{};
     for (int i = 0; i < 2; ++i) {
       const int64_t per = (lines[i] + blocks - 1) / blocks;
-      const int64_t l0 = b * per, l1 = std::min(lines[i], l0 + per);
-      for (int64_t l = l0; l < l1; ++l) __builtin_prefetch(begin[i] + l * 64, 0, 2);
+      const int64_t l0 = std::min(lines[i], b * per), l1 = std::min(lines[i], l0 + per);
+      c.at[i] = begin[i] + l0 * 64;
+      c.end[i] = begin[i] + l1 * 64;
     }
+    return c;
   }
+  // slice b of blocks, all at once
+  SAEP_INLINE void block(int64_t b, int64_t blocks) const { slice(b, blocks).rest(); }
 };
 
 // The input rows one window row reads (its K1 = k + 1 patch rows), converted to the compute
