@@ -66,6 +66,36 @@ def test_nonfinite_inputs_as_documented(target, pool, value):
 
 
 @pytest.mark.parametrize("target", target_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_max_forward_without_argmax_keeps_nonfinite(target, dtype):
+    """The max forward with nothing to backpropagate saves no argmax (the CPU kernels then take
+    a faster max that must fall back where a position's sum is NaN): the very same NaN/Inf as
+    the reference, and bitwise the forward that saves the argmax. 64 channels (full vector
+    groups) and an 8x7 grid (windows inside and at the edge)."""
+    from saep_kernels import aggregate_spec
+
+    backend, device = target
+    gen = torch.Generator().manual_seed(3)
+    layers = [torch.randn(2, 56, 64, generator=gen) for _ in range(2)]
+    for i, value in enumerate([float("nan"), float("inf"), float("-inf")] * 6):
+        x = layers[i % 2]
+        x[i % 2, int(torch.randint(56, (1,), generator=gen)),
+          int(torch.randint(64, (1,), generator=gen))] = value
+    layers = [x.to(device, dtype) for x in layers]
+    w = (torch.randn(128, 1, 3, 3, generator=gen) / 3).to(device, dtype)
+    b = torch.randn(128, generator=gen).to(device, dtype)
+    kwargs = dict(grid=(8, 7), pool="max")
+    want = fused_aggregate_reference(layers, w, b, **kwargs)
+    got = fused_aggregate(layers, w, b, backend=backend, **kwargs)
+    assert not torch.isfinite(want).all()
+    assert_nonfinite_agree(got, want, "max output without the argmax", exact=True)
+    spec = aggregate_spec(layers, w, b, **kwargs)
+    saved, _ = torch.ops.saep.fused_aggregate(layers, w, b, *spec.op_args(), backend, True)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(got.view(bits), saved.view(bits))
+
+
+@pytest.mark.parametrize("target", target_params())
 def test_avg_pooling_folds_inf_times_mixed_weights_to_inf(target):
     """The documented divergence: with avg pooling a fused backend may give +-Inf where the
     reference gives NaN (conv, residual and average folded into one stride-2 conv:

@@ -7,7 +7,7 @@
 // saep_kernels.configs and counts only the kernel entry points).
 //
 //   cpu_kernel_bench --height 24 --width 24 --channels 1024 --prefix 1 --layers 4 --batch 8
-//                    --dtype bf16 --pool avg --threads 2 [--isa avx2] [--only fwd]
+//                    --dtype bf16 --pool avg --threads 2 [--isa avx2] [--only forward,copy]
 //
 // Prints one line per measurement: name, median ms, GB/s of the bytes the kernel must move
 // (docs/op.md section 4), bytes, and output elements.
@@ -213,6 +213,8 @@ int main(int argc, char** argv) {
   fp.bias = bias.data();
   fp.out = out.data();
   fp.argmax = max ? argmax.data() : nullptr;
+  saep::FwdParams fp_no_argmax = fp;
+  fp_no_argmax.argmax = nullptr;
   saep::BwdParams bx{};
   bx.g = g;
   bx.x = fp.x;
@@ -269,16 +271,25 @@ int main(int argc, char** argv) {
        n_in * 2 + n_in * 4, 0},
       {"forward", [&] { saep::cpu::fused_aggregate_fwd(fp, pf); }, (n_in + n_out) * e + am,
        fwd_madds},
+      // the max forward without the argmax, as at inference (nothing to backpropagate)
+      {"forward_no_argmax", [&] { saep::cpu::fused_aggregate_fwd(fp_no_argmax, pf); },
+       (n_in + n_out) * e, fwd_madds},
       {"input_grad", [&] { saep::cpu::fused_aggregate_bwd(bx, pf); }, (n_in + n_out) * e + am, 0},
       {"weight_grad", [&] { saep::cpu::fused_aggregate_bwd(bw, pf); }, (n_in + n_out) * e + am,
        0},
       {"backward", [&] { saep::cpu::fused_aggregate_bwd(bxw, pf); }, (2 * n_in + n_out) * e + am,
        0},
   };
+  if (!max) cases.erase(std::find_if(cases.begin(), cases.end(), [](const Case& c) {
+    return c.name == "forward_no_argmax";
+  }));
   if (!a.only.empty()) {
     std::vector<Case> kept;
+    // --only: case names separated by commas
+    const std::string names = "," + a.only + ",";
     for (auto& c : cases)
-      if (a.only.find(c.name) != std::string::npos) kept.push_back(c);
+      if (names.find("," + c.name + ",") != std::string::npos) kept.push_back(c);
+    if (kept.empty()) usage(("no case named in --only " + a.only).c_str());
     cases = kept;
   }
   // the argmax the max backward reads
@@ -307,11 +318,11 @@ int main(int argc, char** argv) {
   for (auto& c : cases) {
     const double t = median(ms[c.name]);
     if (c.name == "fma_peak") {
-      std::printf("%-12s %9.3f ms %7.1f G fp32 multiply-adds/s (%d threads)\n", c.name.c_str(),
+      std::printf("%-17s %9.3f ms %7.1f G fp32 multiply-adds/s (%d threads)\n", c.name.c_str(),
                   t, double(c.madds) / (t * 1e-3) / 1e9, a.threads);
       continue;
     }
-    std::printf("%-12s %9.3f ms %7.1f GB/s  bytes %lld  outputs %lld", c.name.c_str(), t,
+    std::printf("%-17s %9.3f ms %7.1f GB/s  bytes %lld  outputs %lld", c.name.c_str(), t,
                 double(c.bytes) / (t * 1e-3) / 1e9, (long long)c.bytes, (long long)n_out);
     // the time floors of the kernel: its bytes at the copy's speed, its multiply-adds at
     // fma_peak's (with copy and fma_peak in the run)
