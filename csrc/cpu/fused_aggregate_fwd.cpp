@@ -579,7 +579,8 @@ struct NoStep {
 // vector of patch row a (input row 2 oi - p + a) at input column j, the block's weights w and
 // bias b0 in registers: kMaxWindows at a time where their patches are all in the grid, else
 // one (max_block_edge at the grid's edge). on_step() is called before each step (a window or
-// kMaxWindows of them). kCodes: the argmax codes are computed (am_row is not null) or not.
+// kMaxWindows of them). kCodes: the argmax codes are computed (put_max_block writes them where
+// am_row is not null), else window_max's faster max (am_row must be null).
 template <int K1, bool kResidual, bool kCodes, typename T, typename A, typename Px,
           typename OnStep = NoStep>
 SAEP_INLINE void max_window_row_block(const View<T, A>& v, Scratch<A>& s, int64_t oi,
