@@ -480,9 +480,9 @@ struct AllPositions {
 // tap-by-tap loop it replaces (a branch and a load per tap; cpu_kernel_bench, AVX-512 in place,
 // B=8, 2 threads, interleaved, median ms): forward_no_argmax bf16 llava15-7b 3.25 vs 3.87,
 // siglip-so400m 4.33 vs 4.83 (6 rounds, faster in each), fp32 4.55 vs 4.82, 7.07 vs 8.00; the
-// bf16 forward with the argmax 3.81 vs 4.24, 5.24 vs 6.06. The edge windows (a quarter of them
-// here) are the costly part: skipping them (wrong; a bound) gave bf16 2.41 / 3.23, fp32 3.25 /
-// 5.77.
+// bf16 forward with the argmax 3.81 vs 4.24, 5.24 vs 6.06. Skipping the edge windows (wrong; a
+// bound; about a quarter of the windows here) gave bf16 2.41 / 3.23 ms, fp32 3.25 / 5.77: with
+// this loop they cost less per window than the inside ones (their out-of-grid taps skipped).
 template <int K1, bool kResidual, bool kCodes, typename A, typename M, typename Px>
 SAEP_INLINE void max_block_edge(const Px& px, int64_t j0, const Vec<A> (&w)[K1 - 1][K1 - 1],
                                 Vec<A> b0, int rows_in, int cols_in, int a_lo, int a_hi,
