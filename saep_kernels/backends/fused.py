@@ -36,8 +36,10 @@ def channel_contiguous(t: Tensor) -> Tensor:
 
 def tap_weights(weight: Tensor, dtype: torch.dtype) -> Tensor:
     """The depthwise weight [K*C, 1, k, k] as the kernels read it: [k*k, K*C] in ``dtype``,
-    so that the K*C channels of one tap are contiguous."""
-    return weight.to(dtype).reshape(weight.shape[0], -1).t().contiguous()
+    so that the K*C channels of one tap are contiguous. One copy converts and transposes at
+    once (a ``.to`` then ``.contiguous()`` would make two passes over the weight)."""
+    taps = weight.reshape(weight.shape[0], -1).t()
+    return torch.empty(taps.shape, dtype=dtype, device=weight.device).copy_(taps)
 
 
 def kernel_bias(bias: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
