@@ -24,20 +24,19 @@ import torch
 from . import projectors as P
 from saep_kernels.configs import REFERENCE_BATCHES, Config
 from saep_kernels.configs import IMAGE_MIXES, REFERENCE_CONFIGS as CONFIGS
-from .harness import (copy_bandwidth, fix_malloc_thresholds, format_table, metadata,
-                      time_interleaved, write_results)
+from .harness import fix_malloc_thresholds, format_table, metadata, time_interleaved, write_results
 from .llm import DEFAULT_LLM, LLMConfig, llm_forward, transformers_available
-from .op_bench import BASELINES, DTYPES, available_impls, bench_problem, op_bytes
+from .op_bench import BASELINES, DTYPES, available_impls, bench_problem
 from .plots import (plot_bandwidth_fraction, plot_op_latency, plot_projectors, plot_sweep,
                     plot_varlen)
 from .projector_bench import bench_projectors, bench_sweep
-from .varlen_bench import bench_varlen, speedups, varlen_bytes
+from .varlen_bench import bench_varlen, speedups
 
 PARTS = ("op", "projectors", "sweep", "llm", "varlen")
 OP_TABLE = ["backend", "config", "batch", "dtype", "fwd_ms", "fwd_bwd_ms", "frozen_fwd_bwd_ms",
-            "gbps", "bw_fraction", "fwd_bwd_bw_fraction", "peak_mem_mb"]
+            "gbps", "copy_gbps", "bw_fraction", "fwd_bwd_bw_fraction", "peak_mem_mb"]
 VARLEN_TABLE = ["backend", "config", "batch", "dtype", "in_tokens", "fwd_ms", "fwd_bwd_ms",
-                "bw_fraction", "peak_mem_mb"]
+                "copy_gbps", "bw_fraction", "peak_mem_mb"]
 PROJ_TABLE = ["name", "config", "batch", "dtype", "params", "out_tokens", "fwd_ms", "fwd_bwd_ms",
               "peak_mem_mb", "llm_ms", "note"]
 QUICK = Config("quick", "tiny", 8, 8, 32, 1, 2, 128)
@@ -189,21 +188,13 @@ def main(argv=None) -> int:
         (1 if "llm" in parts else 0) + (len(mixes) * len(dtypes) if "varlen" in parts else 0)
     progress = Progress(steps)
 
-    if "op" in parts or "varlen" in parts:
-        sizes = [op_bytes(c, b * c.crops, DTYPES[dt])[0]
-                 for c in op_configs for b in batches for dt in dtypes if "op" in parts]
-        sizes += [varlen_bytes(m, DTYPES[dt])[0] for m in mixes for dt in dtypes
-                  if "varlen" in parts]
-        copy_bps = copy_bandwidth(max(sizes) // 2, device, min_run_time=min_run_time)
-        meta["copy_bandwidth_gbps"] = copy_bps / 1e9
-        print(f"device copy bandwidth (same run): {copy_bps / 1e9:.1f} GB/s")
     if "op" in parts:
         for cfg in op_configs:
             for batch in batches:
                 for dt in dtypes:
                     progress.step(f"op {cfg.name} B={batch} {dt}")
                     torch._dynamo.reset()
-                    rows += bench_problem(impls, cfg, batch, dt, device, copy_bps, args.pool,
+                    rows += bench_problem(impls, cfg, batch, dt, device, args.pool,
                                           not args.no_backward, rounds, min_run_time, reps,
                                           progress.detail, compile_mode)
                     progress.done()
@@ -215,7 +206,7 @@ def main(argv=None) -> int:
         for mix in mixes:
             for dt in dtypes:
                 progress.step(f"varlen {mix.name} {dt}")
-                rows += bench_varlen(mix, dt, device, copy_bps, args.pool, not args.no_backward,
+                rows += bench_varlen(mix, dt, device, args.pool, not args.no_backward,
                                      rounds, min_run_time, reps, progress.detail)
                 progress.done()
 
@@ -259,7 +250,8 @@ def main(argv=None) -> int:
     sweep_rows = [r for r in rows if r.kind == "sweep"]
     varlen_rows = [r for r in rows if r.kind == "varlen"]
     if op_rows:
-        print("\nfused_aggregate (ms, median; bw_fraction = achieved bytes/s / device copy)")
+        print("\nfused_aggregate (ms, median; bw_fraction = achieved bytes/s / copy_gbps, a "
+              "device copy timed in the same rounds)")
         print(format_table(op_rows, OP_TABLE))
     if varlen_rows:
         print("\nimages of different sizes in one batch (ms, median): fused_aggregate_varlen vs "

@@ -7,7 +7,9 @@ Method.
 * CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` with the thread count stated in the
   metadata; median and interquartile range over the measured blocks, after a warm-up call.
 * Bandwidth: bytes the op must move (docs/op.md section 4) / median time, and its fraction of a
-  device copy (``dst.copy_(src)`` of the same number of input bytes) measured in the same run.
+  device copy (``dst.copy_(src)``) of the same bytes, timed in the same interleaved rounds as
+  the implementations (``COPY``), so that a slow spell of a shared machine's memory falls on
+  the copy and the kernels alike.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import platform
 import subprocess
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -55,6 +57,7 @@ class Row:
     params: Optional[int] = None
     out_tokens: Optional[int] = None
     gbps: Optional[float] = None
+    copy_gbps: Optional[float] = None  # the device copy timed in the same rounds (COPY)
     bw_fraction: Optional[float] = None
     fwd_bwd_gbps: Optional[float] = None
     fwd_bwd_bw_fraction: Optional[float] = None
@@ -169,14 +172,18 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device,
     return {name: _quantiles(ts) for name, ts in samples.items()}
 
 
-def copy_bandwidth(nbytes: int, device: torch.device, min_run_time: float = 1.0) -> float:
-    """Achieved bytes/s of a device copy moving ``nbytes`` in and ``nbytes`` out."""
-    n = max(nbytes // 4, 1)
+# the name of the device copy in a problem's interleaved timings (device_copy)
+COPY = "device copy"
+
+
+def device_copy(nbytes: int, device: torch.device) -> Tuple[Callable[[], object], int]:
+    """(a device copy, the bytes it moves): ``dst.copy_(src)`` of fp32 buffers that read
+    about ``nbytes / 2`` bytes and write as many, to be timed next to an op that moves
+    ``nbytes`` (its bandwidth is bytes moved / time)."""
+    n = max(nbytes // 8, 1)
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    t = time_interleaved({"copy": lambda: dst.copy_(src)}, device, rounds=3,
-                         min_run_time=min_run_time)["copy"]
-    return 2 * n * 4 / (t.median_ms * 1e-3)
+    return (lambda: dst.copy_(src)), 2 * n * 4
 
 
 def _glibc_function(name: str):

@@ -24,7 +24,8 @@ import saep_kernels
 from saep_kernels import fused_aggregate, fused_aggregate_reference
 
 from saep_kernels.configs import Config
-from .harness import Row, device_name, peak_memory_mb, time_interleaved, triton_version
+from .harness import (COPY, Row, device_copy, device_name, peak_memory_mb, time_interleaved,
+                      triton_version)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -102,10 +103,11 @@ def op_function(impl: str, cfg: Config, pool: str, device: torch.device,
 
 
 def bench_problem(impls: List[str], cfg: Config, batch: int, dtype_name: str,
-                  device: torch.device, copy_bps: float, pool: str = "avg",
+                  device: torch.device, pool: str = "avg",
                   backward: bool = True, rounds: int = 5, min_run_time: float = 1.0,
                   reps: int = 100, progress=None, compile_mode: Optional[str] = "auto") -> List[Row]:
-    """Rows for every implementation on one problem, timed interleaved (see harness)."""
+    """Rows for every implementation on one problem, timed interleaved (see harness), the
+    device copy of the forward's bytes in the forward's rounds."""
     dtype = DTYPES[dtype_name]
     images = batch * cfg.crops
     layers, w, b = make_inputs(cfg, images, dtype, device, requires_grad=backward)
@@ -126,8 +128,10 @@ def bench_problem(impls: List[str], cfg: Config, batch: int, dtype_name: str,
 
     # a frozen vision tower: gradients of the weight and bias only, timed in the same rounds
     frozen = [h.detach() for h in layers]
-    fwd = time_interleaved({i: forward(f) for i, f in fns.items()}, device, rounds, reps,
-                           min_run_time, progress)
+    copy, copy_bytes = device_copy(fwd_bytes, device)
+    fwd = time_interleaved({**{i: forward(f) for i, f in fns.items()}, COPY: copy}, device,
+                           rounds, reps, min_run_time, progress)
+    copy_bps = copy_bytes / (fwd[COPY].median_ms * 1e-3)
     fb = {}
     if backward:
         fb = time_interleaved(
@@ -145,6 +149,7 @@ def bench_problem(impls: List[str], cfg: Config, batch: int, dtype_name: str,
                   fwd_ms=t.median_ms, fwd_p20_ms=t.p20_ms, fwd_p80_ms=t.p80_ms,
                   out_tokens=cfg.out_tokens, params=w.numel() + b.numel(), note=note)
         row.gbps = fwd_bytes / (t.median_ms * 1e-3) / 1e9
+        row.copy_gbps = copy_bps / 1e9
         row.bw_fraction = fwd_bytes / (t.median_ms * 1e-3) / copy_bps
         if backward:
             u = fb[impl]

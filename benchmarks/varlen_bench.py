@@ -26,7 +26,8 @@ from saep_kernels import fused_aggregate, fused_aggregate_varlen
 from saep_kernels.backends import fused_backend
 from saep_kernels.configs import ImageMix
 
-from .harness import Row, device_name, peak_memory_mb, time_interleaved, triton_version
+from .harness import (COPY, Row, device_copy, device_name, peak_memory_mb, time_interleaved,
+                      triton_version)
 from .op_bench import DTYPES, plain_aggregate
 
 
@@ -111,11 +112,11 @@ def default_impls(device: torch.device) -> List[str]:
     return out + ["loop[eager]"]
 
 
-def bench_varlen(mix: ImageMix, dtype_name: str, device: torch.device, copy_bps: float,
-                 pool: str = "avg", backward: bool = True, rounds: int = 5,
+def bench_varlen(mix: ImageMix, dtype_name: str, device: torch.device, pool: str = "avg", backward: bool = True, rounds: int = 5,
                  min_run_time: float = 1.0, reps: int = 100, progress=None,
                  impls: Optional[List[str]] = None) -> List[Row]:
-    """Rows for every implementation on one mix, timed interleaved (see harness)."""
+    """Rows for every implementation on one mix, timed interleaved (see harness), the device
+    copy of the forward's bytes in the forward's rounds."""
     dtype = DTYPES[dtype_name]
     impls = impls or default_impls(device)
     torch.manual_seed(0)
@@ -144,11 +145,13 @@ def bench_varlen(mix: ImageMix, dtype_name: str, device: torch.device, copy_bps:
     def forward_backward(fn):
         return lambda: torch.autograd.grad(fn(layers, w, b), [*layers, w, b], gy)
 
-    fwd = time_interleaved({i: forward(f) for i, f in fns.items()}, device, rounds, reps,
-                           min_run_time, progress)
+    fwd_bytes, bwd_bytes = varlen_bytes(mix, dtype)
+    copy, copy_bytes = device_copy(fwd_bytes, device)
+    fwd = time_interleaved({**{i: forward(f) for i, f in fns.items()}, COPY: copy}, device,
+                           rounds, reps, min_run_time, progress)
+    copy_bps = copy_bytes / (fwd[COPY].median_ms * 1e-3)
     fb = time_interleaved({i: forward_backward(f) for i, f in fns.items()}, device, rounds,
                           reps, min_run_time, progress) if backward else {}
-    fwd_bytes, bwd_bytes = varlen_bytes(mix, dtype)
     note = f"pool={pool}, k=3, {len(mix.grids)} images" + (
         f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
     rows = []
@@ -160,6 +163,7 @@ def bench_varlen(mix: ImageMix, dtype_name: str, device: torch.device, copy_bps:
                   fwd_ms=t.median_ms, fwd_p20_ms=t.p20_ms, fwd_p80_ms=t.p80_ms,
                   in_tokens=mix.tokens, out_tokens=mix.out_tokens, note=note)
         row.gbps = fwd_bytes / (t.median_ms * 1e-3) / 1e9
+        row.copy_gbps = copy_bps / 1e9
         row.bw_fraction = fwd_bytes / (t.median_ms * 1e-3) / copy_bps
         if backward:
             u = fb[impl]

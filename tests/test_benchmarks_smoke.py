@@ -41,8 +41,19 @@ def test_main_job_quick(tmp_path):
         header = next(csv.reader(f))
     for col in ["name", "kind", "backend", "config", "batch", "dtype", "device", "torch",
                 "triton", "fwd_ms", "fwd_bwd_ms", "peak_mem_mb", "params", "out_tokens", "gbps",
-                "bw_fraction"]:
+                "copy_gbps", "bw_fraction"]:
         assert col in header
+    # the bandwidth fractions are against the copy timed in each problem's own rounds
+    timed = [r for r in data["rows"] if r["kind"] in ("op", "varlen")]
+    assert {r["kind"] for r in timed} == {"op", "varlen"}
+    for r in timed:
+        assert r["copy_gbps"] > 0
+        assert r["bw_fraction"] == pytest.approx(r["gbps"] / r["copy_gbps"], rel=1e-9)
+    for kind in ("op", "varlen"):  # one copy per problem, shared by its rows
+        problems = {(r["config"], r["batch"], r["dtype"]) for r in timed if r["kind"] == kind}
+        copies = {(r["config"], r["batch"], r["dtype"], r["copy_gbps"]) for r in timed
+                  if r["kind"] == kind}
+        assert len(copies) == len(problems)
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert len(pngs) >= 2, pngs
     assert all((tmp_path / p).stat().st_size > 10_000 for p in pngs)
