@@ -8,12 +8,18 @@
 //
 //   cpu_kernel_bench --height 24 --width 24 --channels 1024 --prefix 1 --layers 4 --batch 8
 //                    --dtype bf16 --pool avg --threads 2 [--isa avx2] [--only forward,copy]
+//                    [--in-offset 64 --in-step 0 --out-offset 64]
+//
+// The offsets place the inputs and the output at chosen distances past a 4096-byte boundary
+// (without them, where the allocator puts them), so that their effect on the timings (loads
+// and stores whose addresses match in their low 12 bits) can be measured.
 //
 // Prints one line per measurement: name, median ms, GB/s of the bytes the kernel must move
 // (docs/op.md section 4), bytes, and output elements.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -34,6 +40,9 @@ using Clock = std::chrono::steady_clock;
 struct Args {
   int64_t batch = 8, channels = 1024, height = 24, width = 24, prefix = 1;
   int layers = 4, ksize = 3, threads = 2, rounds = 5, reps = 20;
+  // where the inputs and the output start past a 4096-byte boundary (-1: where the allocator
+  // put them); each layer after the first starts in_step bytes further on
+  int64_t in_offset = -1, in_step = 0, out_offset = -1;
   std::string dtype = "bf16", pool = "avg", isa = "", only = "";
 };
 
@@ -62,11 +71,22 @@ Args parse(int argc, char** argv) {
     else if (k == "--pool") a.pool = v;
     else if (k == "--isa") a.isa = v;
     else if (k == "--only") a.only = v;
+    else if (k == "--in-offset") a.in_offset = std::atoll(v);
+    else if (k == "--in-step") a.in_step = std::atoll(v);
+    else if (k == "--out-offset") a.out_offset = std::atoll(v);
     else usage(("unknown argument " + k).c_str());
   }
   if (a.dtype != "bf16" && a.dtype != "fp32") usage("--dtype: bf16 or fp32");
   if (a.pool != "avg" && a.pool != "max") usage("--pool: avg or max");
   if (a.layers < 1 || a.layers > saep::kMaxLayers) usage("--layers out of range");
+  const int64_t elem = a.dtype == "bf16" ? 2 : 4;
+  auto check_offset = [&](int64_t off, const char* name) {
+    if (off != -1 && (off < 0 || off >= 4096 || off % elem))
+      usage((std::string(name) + ": -1, or 0..4095 in whole elements").c_str());
+  };
+  check_offset(a.in_offset, "--in-offset");
+  check_offset(a.out_offset, "--out-offset");
+  if (a.in_step < 0 || a.in_step % elem) usage("--in-step: whole elements, not negative");
   return a;
 }
 
@@ -136,6 +156,18 @@ FmaLoop fma_loop(saep::cpu::CpuCapability c) {
   return {fma_loop_default, fma_loop_default_madds};
 }
 
+// `bytes` of `buf` starting `offset` bytes past a 4096-byte boundary, or at buf.data() when
+// offset is -1
+char* placed(std::vector<char>& buf, int64_t bytes, int64_t offset) {
+  if (offset < 0) {
+    buf.resize(size_t(bytes));
+    return buf.data();
+  }
+  buf.resize(size_t(bytes + 2 * 4096));
+  const auto base = (reinterpret_cast<uintptr_t>(buf.data()) + 4095) & ~uintptr_t(4095);
+  return reinterpret_cast<char*>(base) + offset;
+}
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -178,23 +210,28 @@ int main(int argc, char** argv) {
 
   std::mt19937 rng(0);
   std::normal_distribution<float> normal;
-  auto fill = [&](std::vector<char>& buf, int64_t n) {
-    buf.resize(size_t(n * e));
+  auto fill = [&](char* buf, int64_t n) {
     for (int64_t i = 0; i < n; ++i) {
       const float v = normal(rng);
       if (bf16) {
         const saep::cpu::bf16 h = saep::cpu::float_to_bf16(v);
-        std::memcpy(buf.data() + i * e, &h, 2);
+        std::memcpy(buf + i * e, &h, 2);
       } else {
-        std::memcpy(buf.data() + i * e, &v, 4);
+        std::memcpy(buf + i * e, &v, 4);
       }
     }
   };
   std::vector<std::vector<char>> layers(size_t(g.num_layers)), grad_x(size_t(g.num_layers));
-  for (auto& l : layers) fill(l, n_layer);
+  std::vector<char*> x(size_t(g.num_layers));
+  for (int l = 0; l < g.num_layers; ++l) {
+    const int64_t off = a.in_offset < 0 ? -1 : (a.in_offset + l * a.in_step) % 4096;
+    x[size_t(l)] = placed(layers[size_t(l)], n_layer * e, off);
+    fill(x[size_t(l)], n_layer);
+  }
   for (auto& l : grad_x) l.assign(size_t(n_layer * e), 0);
-  std::vector<char> out(size_t(n_out * e)), grad_out;
-  fill(grad_out, n_out);
+  std::vector<char> out_buf, grad_out(size_t(n_out * e));
+  char* const out = placed(out_buf, n_out * e, a.out_offset);
+  fill(grad_out.data(), n_out);
   std::vector<uint8_t> argmax(static_cast<size_t>(n_out));
   std::vector<float> weight(static_cast<size_t>(taps * KC)), bias(static_cast<size_t>(KC));
   for (auto& w : weight) w = normal(rng) / 3;
@@ -205,13 +242,13 @@ int main(int argc, char** argv) {
   saep::FwdParams fp{};
   fp.g = g;
   for (int l = 0; l < g.num_layers; ++l) {
-    fp.x.data[l] = layers[size_t(l)].data();
+    fp.x.data[l] = x[size_t(l)];
     fp.x.stride_b[l] = g.tokens() * C;
     fp.x.stride_t[l] = C;
   }
   fp.weight = weight.data();
   fp.bias = bias.data();
-  fp.out = out.data();
+  fp.out = out;
   fp.argmax = max ? argmax.data() : nullptr;
   saep::FwdParams fp_no_argmax = fp;
   fp_no_argmax.argmax = nullptr;
@@ -235,7 +272,7 @@ int main(int argc, char** argv) {
   const auto pf = threaded_for(a.threads);
   // the comparison loops move the forward's input bytes (read) and as many again (write)
   std::vector<char> src(static_cast<size_t>(n_in * e)), dst(static_cast<size_t>(n_in * e));
-  std::memcpy(src.data(), layers[0].data(), std::min(src.size(), layers[0].size()));
+  std::memcpy(src.data(), x[0], std::min(src.size(), size_t(n_layer * e)));
   std::vector<float> conv_dst(static_cast<size_t>(n_in));
 
   // the compute ceiling: fp32 multiply-adds per second of the FMA loop, one call per thread
