@@ -313,7 +313,11 @@ struct VecIO<A, A> {
 // A pixel's channels [c, c + kStep) as kVecs Vecs of the compute type, and back. For bf16
 // the 32 channels of one 64-byte load split into even and odd channels (a shift and a mask,
 // no shuffle); the weights they meet are laid out the same way (Packing::deinterleave) and
-// the store interleaves them back. Each channel's arithmetic is unchanged.
+// the store interleaves them back. Each channel's arithmetic is unchanged. AVX512_BF16's
+// vdpbf16ps, which reads bf16 without a conversion, was slower on this project's Xeon
+// (scratch loop, 12 chains, one thread, ns per 1000 useful multiply-adds): the shift/mask and
+// an FMA per pixel line 24.7-26.5, vdpbf16ps with a (w, 0) weight pair 52.1-53.1, two tap
+// pairs unpacked (vpunpck{l,h}wd) into one vdpbf16ps 36.7-40.3; FMAs alone 12.1-13.4.
 template <typename T, typename A>
 struct Packing {
   static constexpr int kVecs = 1;
