@@ -186,6 +186,18 @@ def device_copy(nbytes: int, device: torch.device) -> Tuple[Callable[[], object]
     return (lambda: dst.copy_(src)), 2 * n * 4
 
 
+def time_with_copy(fns: Dict[str, Callable[[], object]], nbytes: int, device: torch.device,
+                   rounds: int = 5, reps: int = 100, min_run_time: float = 1.0,
+                   progress: Optional[Callable[[str], None]] = None
+                   ) -> Tuple[Dict[str, Timing], float]:
+    """time_interleaved of ``fns`` with a device copy of ``nbytes`` (device_copy) in the same
+    rounds: (the timings of ``fns``, the copy's bytes/s)."""
+    assert COPY not in fns, f"{COPY!r} names the copy"
+    copy, copy_bytes = device_copy(nbytes, device)
+    timings = time_interleaved({**fns, COPY: copy}, device, rounds, reps, min_run_time, progress)
+    return timings, copy_bytes / (timings.pop(COPY).median_ms * 1e-3)
+
+
 def _glibc_function(name: str):
     """glibc's function `name` through ctypes, None where the C library is not glibc."""
     try:

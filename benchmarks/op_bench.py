@@ -24,7 +24,7 @@ import saep_kernels
 from saep_kernels import fused_aggregate, fused_aggregate_reference
 
 from saep_kernels.configs import Config
-from .harness import (COPY, Row, device_copy, device_name, peak_memory_mb, time_interleaved,
+from .harness import (Row, device_name, peak_memory_mb, time_interleaved, time_with_copy,
                       triton_version)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -128,10 +128,8 @@ def bench_problem(impls: List[str], cfg: Config, batch: int, dtype_name: str,
 
     # a frozen vision tower: gradients of the weight and bias only, timed in the same rounds
     frozen = [h.detach() for h in layers]
-    copy, copy_bytes = device_copy(fwd_bytes, device)
-    fwd = time_interleaved({**{i: forward(f) for i, f in fns.items()}, COPY: copy}, device,
-                           rounds, reps, min_run_time, progress)
-    copy_bps = copy_bytes / (fwd[COPY].median_ms * 1e-3)
+    fwd, copy_bps = time_with_copy({i: forward(f) for i, f in fns.items()}, fwd_bytes, device,
+                                   rounds, reps, min_run_time, progress)
     fb = {}
     if backward:
         fb = time_interleaved(

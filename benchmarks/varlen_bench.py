@@ -26,7 +26,7 @@ from saep_kernels import fused_aggregate, fused_aggregate_varlen
 from saep_kernels.backends import fused_backend
 from saep_kernels.configs import ImageMix
 
-from .harness import (COPY, Row, device_copy, device_name, peak_memory_mb, time_interleaved,
+from .harness import (Row, device_name, peak_memory_mb, time_interleaved, time_with_copy,
                       triton_version)
 from .op_bench import DTYPES, plain_aggregate
 
@@ -112,7 +112,8 @@ def default_impls(device: torch.device) -> List[str]:
     return out + ["loop[eager]"]
 
 
-def bench_varlen(mix: ImageMix, dtype_name: str, device: torch.device, pool: str = "avg", backward: bool = True, rounds: int = 5,
+def bench_varlen(mix: ImageMix, dtype_name: str, device: torch.device, pool: str = "avg",
+                 backward: bool = True, rounds: int = 5,
                  min_run_time: float = 1.0, reps: int = 100, progress=None,
                  impls: Optional[List[str]] = None) -> List[Row]:
     """Rows for every implementation on one mix, timed interleaved (see harness), the device
@@ -146,10 +147,8 @@ def bench_varlen(mix: ImageMix, dtype_name: str, device: torch.device, pool: str
         return lambda: torch.autograd.grad(fn(layers, w, b), [*layers, w, b], gy)
 
     fwd_bytes, bwd_bytes = varlen_bytes(mix, dtype)
-    copy, copy_bytes = device_copy(fwd_bytes, device)
-    fwd = time_interleaved({**{i: forward(f) for i, f in fns.items()}, COPY: copy}, device,
-                           rounds, reps, min_run_time, progress)
-    copy_bps = copy_bytes / (fwd[COPY].median_ms * 1e-3)
+    fwd, copy_bps = time_with_copy({i: forward(f) for i, f in fns.items()}, fwd_bytes, device,
+                                   rounds, reps, min_run_time, progress)
     fb = time_interleaved({i: forward_backward(f) for i, f in fns.items()}, device, rounds,
                           reps, min_run_time, progress) if backward else {}
     note = f"pool={pool}, k=3, {len(mix.grids)} images" + (
