@@ -24,7 +24,8 @@ import torch
 from . import projectors as P
 from saep_kernels.configs import REFERENCE_BATCHES, Config
 from saep_kernels.configs import IMAGE_MIXES, REFERENCE_CONFIGS as CONFIGS
-from .harness import fix_malloc_thresholds, format_table, metadata, time_interleaved, write_results
+from .harness import (fix_malloc_thresholds, format_table, metadata, run_in_fresh_process,
+                      time_interleaved, write_results)
 from .llm import DEFAULT_LLM, LLMConfig, llm_forward, transformers_available
 from .op_bench import BASELINES, DTYPES, available_impls, bench_problem
 from .plots import (plot_bandwidth_fraction, plot_op_latency, plot_projectors, plot_sweep,
@@ -94,6 +95,9 @@ def parse_args(argv):
     p.add_argument("--malloc", default="fixed", choices=["fixed", "default"],
                    help="CPU: glibc malloc's mmap/trim thresholds fixed for the run (the "
                         "default; harness.fix_malloc_thresholds says why) or glibc's dynamic ones")
+    p.add_argument("--shared-process", action="store_true",
+                   help="op and varlen: time every problem in this process (by default each "
+                        "runs in a fresh process: harness.run_in_fresh_process says why)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="output directory")
     p.add_argument("--quick", action="store_true",
                    help="tiny problem, one short timing each: a smoke test, not a measurement")
@@ -181,6 +185,7 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         meta["malloc"] = "default" if args.malloc == "default" else \
             fix_malloc_thresholds() or "not glibc"
+    meta["process"] = "shared" if args.shared_process else "fresh per op and varlen problem"
     print(f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']}")
     rows = []
     steps = (len(op_configs) * len(batches) * len(dtypes) if "op" in parts else 0) + \
@@ -188,15 +193,25 @@ def main(argv=None) -> int:
         (1 if "llm" in parts else 0) + (len(mixes) * len(dtypes) if "varlen" in parts else 0)
     progress = Progress(steps)
 
+    def run_problem(bench, **kw):
+        """One op or varlen problem's rows: bench(**kw) in a fresh process, or here with
+        --shared-process (then with the progress bar's details)."""
+        if args.shared_process:
+            torch._dynamo.reset()
+            return bench(progress=progress.detail, **kw)
+        return run_in_fresh_process(bench, malloc_fixed=isinstance(meta.get("malloc"), dict),
+                                    **kw)
+
     if "op" in parts:
         for cfg in op_configs:
             for batch in batches:
                 for dt in dtypes:
                     progress.step(f"op {cfg.name} B={batch} {dt}")
-                    torch._dynamo.reset()
-                    rows += bench_problem(impls, cfg, batch, dt, device, args.pool,
-                                          not args.no_backward, rounds, min_run_time, reps,
-                                          progress.detail, compile_mode)
+                    rows += run_problem(bench_problem, impls=impls, cfg=cfg, batch=batch,
+                                        dtype_name=dt, device=device, pool=args.pool,
+                                        backward=not args.no_backward, rounds=rounds,
+                                        min_run_time=min_run_time, reps=reps,
+                                        compile_mode=compile_mode)
                     progress.done()
 
     if "varlen" in parts:
@@ -206,8 +221,9 @@ def main(argv=None) -> int:
         for mix in mixes:
             for dt in dtypes:
                 progress.step(f"varlen {mix.name} {dt}")
-                rows += bench_varlen(mix, dt, device, args.pool, not args.no_backward,
-                                     rounds, min_run_time, reps, progress.detail)
+                rows += run_problem(bench_varlen, mix=mix, dtype_name=dt, device=device,
+                                    pool=args.pool, backward=not args.no_backward,
+                                    rounds=rounds, min_run_time=min_run_time, reps=reps)
                 progress.done()
 
     if "projectors" in parts:

@@ -198,6 +198,33 @@ def time_with_copy(fns: Dict[str, Callable[[], object]], nbytes: int, device: to
     return timings, copy_bytes / (timings.pop(COPY).median_ms * 1e-3)
 
 
+def _run_configured(malloc_fixed: bool, threads: int, fn: Callable, args: tuple,
+                   kwargs: dict):
+    """In the fresh process: the parent's malloc thresholds and thread count, then fn."""
+    if malloc_fixed:
+        fix_malloc_thresholds()
+    torch.set_num_threads(threads)
+    return fn(*args, **kwargs)
+
+
+def run_in_fresh_process(fn: Callable, *args, malloc_fixed: bool = False, **kwargs):
+    """``fn(*args, **kwargs)`` in a new Python process (spawned, so it shares no state with
+    this one: no allocator heap, no compiled graphs, no thread pools), with this process's
+    torch thread count and, with ``malloc_fixed``, fix_malloc_thresholds; returns its result
+    (fn, its arguments and its result are pickled; its exceptions are raised here).
+
+    The benchmark runs each op and varlen problem so, because a problem's CPU figures depended
+    on what ran before it in the process: siglip-so400m's bf16 avg cpu forward took 3.15-3.42
+    ms when its problem ran first and 3.84-4.79 ms after llava15-7b's (6 of 6 runs, README)."""
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_run_configured, malloc_fixed, torch.get_num_threads(), fn, args,
+                           kwargs).result()
+
+
 def _glibc_function(name: str):
     """glibc's function `name` through ctypes, None where the C library is not glibc."""
     try:

@@ -54,6 +54,7 @@ def test_main_job_quick(tmp_path):
         copies = {(r["config"], r["batch"], r["dtype"], r["copy_gbps"]) for r in timed
                   if r["kind"] == kind}
         assert len(copies) == len(problems)
+    assert data["metadata"]["process"] == "fresh per op and varlen problem"
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert len(pngs) >= 2, pngs
     assert all((tmp_path / p).stat().st_size > 10_000 for p in pngs)
@@ -92,6 +93,23 @@ def test_fixed_malloc_thresholds_take_effect():
     default_mapped, fixed_mapped = (int(x) for x in proc.stdout.split())
     assert default_mapped >= 16 << 20
     assert fixed_mapped == 0
+
+
+def test_run_in_fresh_process():
+    """A problem timed in a fresh process runs in another process, with this one's torch
+    thread count, and its errors come back here."""
+    from benchmarks.harness import run_in_fresh_process
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert run_in_fresh_process(torch.get_num_threads) == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert run_in_fresh_process(os.getpid) != os.getpid()
+    assert run_in_fresh_process(divmod, 7, 2) == (3, 1)
+    with pytest.raises(ValueError, match="invalid literal"):
+        run_in_fresh_process(int, "seven")
 
 
 def test_pytest_benchmark_file(tmp_path):
