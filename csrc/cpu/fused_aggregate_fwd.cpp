@@ -694,6 +694,17 @@ SAEP_INLINE void max_forward_staged(const View<T, A>& v, const A* bias, T* out, 
 // [4.32-4.87] vs 4.78 [4.59-5.27]. Two lines a step measured the same; the slice spread evenly
 // over the steps (all lines before its walks end) was slower in fp32. A profile (perf, cpu-clock)
 // of the slice at once put 12% of the bf16 siglip-so400m samples on its prefetch loop.
+// With C = 1024 a group's pixels (2048 bytes apart in bf16) fall into two L1 sets, and in a
+// cache model of this walk (scripts/cpu_cache_model.py) 36% of llava15-7b's bf16 input loads
+// hit L1 against 68% without conflicts (C = 1056, or siglip-so400m's 1152): the odd block's
+// walk finds none of the even block's lines. Measured (cpu_kernel_bench forward_no_argmax, B=8,
+// 2 threads, slow spells, medians of interleaved processes): C = 1056 took 4.75 ms per 1024
+// channels on llava15-7b's grid against 5.63 at C = 1024 (fp32 5.45 vs 6.49); walking both
+// blocks a step at a time (both blocks' weights held, the odd block's loads then L1 hits) took
+// 1.09x as long on llava15-7b and 1.18x on siglip-so400m (10 pairs): kept one block a walk.
+// A masked vmovdqu16 load from two bytes before the group for the even block, instead of the
+// load and shift (a scratch loop, L1-resident: 20.3 vs 23.5 ns a step), took 1.7x as long here
+// on llava15-7b (its lines split: the line before the group is rarely in L1).
 // kCodes: the argmax codes are kept (argmax is not null), else window_max's faster max.
 template <int K1, bool kResidual, bool kCodes, typename T, typename A>
 SAEP_INLINE void max_forward_in_place(const View<T, A>& v, const A* bias, T* out,
