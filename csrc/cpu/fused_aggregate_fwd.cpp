@@ -699,9 +699,13 @@ SAEP_INLINE void max_forward_staged(const View<T, A>& v, const A* bias, T* out, 
 // hit L1 against 68% without conflicts (C = 1056, or siglip-so400m's 1152): the odd block's
 // walk finds none of the even block's lines. Measured (cpu_kernel_bench forward_no_argmax, B=8,
 // 2 threads, slow spells, medians of interleaved processes): C = 1056 took 4.75 ms per 1024
-// channels on llava15-7b's grid against 5.63 at C = 1024 (fp32 5.45 vs 6.49); walking both
-// blocks a step at a time (both blocks' weights held, the odd block's loads then L1 hits) took
-// 1.09x as long on llava15-7b and 1.18x on siglip-so400m (10 pairs): kept one block a walk.
+// channels on llava15-7b's grid against 5.63 at C = 1024 (fp32 5.45 vs 6.49), and a profile
+// (perf, cpu-clock) put 37% of the bf16 inside steps' samples on their first 30 of ~165
+// instructions (the loads and their first uses) for llava15-7b, 20% for siglip-so400m (18% if
+// spread evenly). Walking both blocks a step at a time (the odd block's loads then L1 hits)
+// took 1.09x as long on llava15-7b and 1.18x on siglip-so400m with both blocks' weights held,
+// 1.12x and 1.17x with each block's weights reloaded each step (10 pairs each; pair ratios
+// spread 0.7-2.2 on this machine): kept one block a walk.
 // A masked vmovdqu16 load from two bytes before the group for the even block, instead of the
 // load and shift (a scratch loop, L1-resident: 20.3 vs 23.5 ns a step), took 1.7x as long here
 // on llava15-7b (its lines split: the line before the group is rarely in L1).
