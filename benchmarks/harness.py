@@ -215,7 +215,7 @@ def run_in_fresh_process(fn: Callable, *args, malloc_fixed: bool = False, **kwar
 
     The benchmark runs each op and varlen problem so, because a problem's CPU figures depended
     on what ran before it in the process: siglip-so400m's bf16 avg cpu forward took 3.15-3.42
-    ms when its problem ran first and 3.84-4.79 ms after llava15-7b's (6 of 6 runs; README,
+    ms when its problem ran first and 3.84-4.79 ms after llava15-7b's (four pairs of runs; README,
     where the first runs of this way, in a slow spell, are within the machine's spread). Each
     process imports torch afresh (a few seconds a problem)."""
     import concurrent.futures
