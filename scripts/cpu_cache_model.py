@@ -70,13 +70,20 @@ def max_forward_loads(height: int, width: int, channels: int, prefix: int, elem_
     for t in range(tasks):
         x = (1 << 30) + t * (image + 3 * 4096) + prefix * stride  # pixel (0, 0) of the task
 
-        def load(line):
-            n["L1" if l1.access(line) else "L2" if l2.access(line) else "mem"] += 1
-            l2.access(line)
+        def load(line):  # an L1 hit still refreshes the line in L2 (inclusive)
+            if l1.access(line):
+                n["L1"] += 1
+                l2.access(line)
+            else:
+                n["L2" if l2.access(line) else "mem"] += 1
 
         for oi in range(ho):
             r0 = 2 * oi - PAD
             rows = [r0 + a for a in range(K1) if 0 <= r0 + a < height]
+
+            def inside(o):  # window o's patch is all in the grid
+                return len(rows) == K1 and 2 * o - PAD >= 0 and 2 * o - PAD + K1 <= width
+
             # the next window row's two new rows, prefetched in one slice per group
             ahead = [line for r in (r0 + K1, r0 + K1 + 1) if r < height
                      for line in range((x + r * width * stride) // LINE,
@@ -90,10 +97,6 @@ def max_forward_loads(height: int, width: int, channels: int, prefix: int, elem_
                     while oj < wo:
                         if sl:
                             l2.access(sl.pop(0))
-
-                        def inside(o):
-                            return len(rows) == K1 and 2 * o - PAD >= 0 and 2 * o - PAD + K1 <= width
-
                         step = WINDOWS if oj + WINDOWS <= wo and inside(oj) and \
                             inside(oj + WINDOWS - 1) else 1
                         j0 = 2 * oj - PAD
