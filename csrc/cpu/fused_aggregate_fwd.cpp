@@ -469,48 +469,72 @@ struct AllPositions {
   SAEP_INLINE bool operator()(int) const { return true; }
 };
 
-// One window's max for one vector block at the grid's edge: each in-grid position (dy, dx) of
-// the window is the bias, the residual and the in-grid k x k taps in the order max_window adds
-// them, the weights w in registers; px(a, j) is the block's vector of patch row a at input
-// column j (the window's patch starts at column j0). The four positions' sums are interleaved
-// pixel by pixel: each in-grid patch pixel is loaded once and added to the positions whose taps
-// it meets, which keeps each position's taps in max_window's order (row-major); a pixel outside
-// the grid is skipped (not added as a zero, which would turn -0 into +0 and 0 * inf into NaN),
-// and so is a position outside it (its sum is not taken into the max). Measured against the
-// tap-by-tap loop it replaces (a branch and a load per tap; cpu_kernel_bench, AVX-512 in place,
-// B=8, 2 threads, interleaved, median ms): forward_no_argmax bf16 llava15-7b 3.25 vs 3.87,
-// siglip-so400m 4.33 vs 4.83 (6 rounds, faster in each), fp32 4.55 vs 4.82, 7.07 vs 8.00; the
-// bf16 forward with the argmax 3.81 vs 4.24, 5.24 vs 6.06. Skipping the edge windows (wrong; a
-// bound; about a quarter of the windows here) gave bf16 2.41 / 3.23 ms, fp32 3.25 / 5.77: with
+// One window's max for NB vector blocks of the same pixels (bf16: a group's even and odd
+// channels): each in-grid position (dy, dx) of the window is the bias, the residual and the
+// in-grid k x k taps in the order max_window adds them, block h's weights w[h] and bias b0[h] in
+// registers; px(a, j, x) puts the blocks of patch row a at input column j into x[0 .. NB) (the
+// window's patch starts at column j0). The four positions' sums are interleaved pixel by pixel:
+// each in-grid patch pixel is loaded once and added to the positions whose taps it meets, which
+// keeps each position's taps in max_window's order (row-major); a pixel outside the grid is
+// skipped (not added as a zero, which would turn -0 into +0 and 0 * inf into NaN), and so is a
+// position outside it (its sum is not taken into the max). kAllIn: the window's patch is all in
+// the grid (rows_in .. e_hi are then not read). Measured (one block, at the grid's edge) against
+// the tap-by-tap loop it replaced (a branch and a load per tap; cpu_kernel_bench, AVX-512 in
+// place, B=8, 2 threads, interleaved, median ms): forward_no_argmax bf16 llava15-7b 3.25 vs
+// 3.87, siglip-so400m 4.33 vs 4.83 (6 rounds, faster in each), fp32 4.55 vs 4.82, 7.07 vs 8.00;
+// the bf16 forward with the argmax 3.81 vs 4.24, 5.24 vs 6.06. Skipping the edge windows (wrong;
+// a bound; about a quarter of the windows here) gave bf16 2.41 / 3.23 ms, fp32 3.25 / 5.77: with
 // this loop they cost less per window than the inside ones (their out-of-grid taps skipped).
-template <int K1, bool kResidual, bool kCodes, typename A, typename M, typename Px>
-SAEP_INLINE void max_block_edge(const Px& px, int64_t j0, const Vec<A> (&w)[K1 - 1][K1 - 1],
-                                Vec<A> b0, int rows_in, int cols_in, int a_lo, int a_hi,
-                                int e_lo, int e_hi, Vec<A>& best, M& code) {
+template <int K1, int NB, bool kAllIn, bool kResidual, bool kCodes, typename A, typename M,
+          typename Px>
+SAEP_INLINE void max_blocks_window(const Px& px, int64_t j0, const Vec<A> (*w)[K1 - 1][K1 - 1],
+                                   const Vec<A>* b0, int rows_in, int cols_in, int a_lo,
+                                   int a_hi, int e_lo, int e_hi, Vec<A>* best, M* code) {
   constexpr int K = K1 - 1, pad = K / 2;
   // the patch rows and columns in the grid, as bits
-  const unsigned row_in = (1u << a_hi) - (1u << a_lo);
-  const unsigned col_in = (1u << e_hi) - (1u << e_lo);
-  const auto position_in = [&](int d) { return (d >> 1) < rows_in && (d & 1) < cols_in; };
-  Vec<A> z[4];
+  const unsigned row_in = kAllIn ? (1u << K1) - 1 : (1u << a_hi) - (1u << a_lo);
+  const unsigned col_in = kAllIn ? (1u << K1) - 1 : (1u << e_hi) - (1u << e_lo);
+  const auto position_in = [&](int d) SAEP_LAMBDA_INLINE {
+    return kAllIn || ((d >> 1) < rows_in && (d & 1) < cols_in);
+  };
+  Vec<A> z[NB][4];
 #pragma GCC unroll 4
   for (int d = 0; d < 4; ++d) {
-    z[d] = b0;
-    if (kResidual && position_in(d)) z[d] += px((d >> 1) + pad, j0 + (d & 1) + pad);
+    Vec<A> x[NB];
+    if (kResidual && position_in(d)) px((d >> 1) + pad, j0 + (d & 1) + pad, x);
+#pragma GCC unroll 2
+    for (int h = 0; h < NB; ++h) {
+      z[h][d] = b0[h];
+      if (kResidual && position_in(d)) z[h][d] += x[h];
+    }
   }
 #pragma GCC unroll 16
   for (int a = 0; a < K1; ++a)
 #pragma GCC unroll 16
     for (int c = 0; c < K1; ++c) {
       if (!((row_in >> a) & (col_in >> c) & 1u)) continue;
-      const Vec<A> x = px(a, j0 + c);
+      Vec<A> x[NB];
+      px(a, j0 + c, x);
+#pragma GCC unroll 2
+      for (int h = 0; h < NB; ++h)
 #pragma GCC unroll 4
-      for (int d = 0; d < 4; ++d) {
-        const int u = a - (d >> 1), e = c - (d & 1);
-        if (u >= 0 && u < K && e >= 0 && e < K) z[d] += x * w[u][e];
-      }
+        for (int d = 0; d < 4; ++d) {
+          const int u = a - (d >> 1), e = c - (d & 1);
+          if (u >= 0 && u < K && e >= 0 && e < K) z[h][d] += x[h] * w[h][u][e];
+        }
     }
-  window_max<kCodes, A>(z, position_in, best, code);
+#pragma GCC unroll 2
+  for (int h = 0; h < NB; ++h) window_max<kCodes, A>(z[h], position_in, best[h], code[h]);
+}
+
+// The same for one vector block at the grid's edge: px(a, j) is its vector.
+template <int K1, bool kResidual, bool kCodes, typename A, typename M, typename Px>
+SAEP_INLINE void max_block_edge(const Px& px, int64_t j0, const Vec<A> (&w)[K1 - 1][K1 - 1],
+                                Vec<A> b0, int rows_in, int cols_in, int a_lo, int a_hi,
+                                int e_lo, int e_hi, Vec<A>& best, M& code) {
+  const auto px1 = [&px](int a, int64_t j, Vec<A>(&x)[1]) SAEP_LAMBDA_INLINE { x[0] = px(a, j); };
+  max_blocks_window<K1, 1, false, kResidual, kCodes, A>(px1, j0, &w, &b0, rows_in, cols_in,
+                                                        a_lo, a_hi, e_lo, e_hi, &best, &code);
 }
 
 // The same for NW neighbouring windows whose K1 x K1 patches are all in the grid (window i's
@@ -550,39 +574,95 @@ SAEP_INLINE void max_block_inside(const Px& px, int64_t j0, const Vec<A> (&w)[K1
 template <int K>
 constexpr int kMaxWindows = (SAEP_CPU_VEC_REGISTERS >= 32 && K <= 3) ? 2 : 1;
 
-// Window oj's max and argmax code of vector q of group g: the max goes out with its group
-// (store_block), the codes wait in Packing's order in s.held_code until the group's last
-// vector, then go out in channel order. o_row and am_row (may be null) are the window row's.
+// Window oj's max and argmax codes of all kVecs vector blocks of group g (Packing's order):
+// the max goes out with Packing::stream where the output is aligned to the group, the codes in
+// channel order. o_row and am_row (may be null) are the window row's.
+template <typename T, typename A, typename M>
+SAEP_INLINE void put_max_group(const View<T, A>& v, int64_t g, int64_t oj,
+                               const Vec<A> (&best)[Packing<T, A>::kVecs],
+                               const M (&code)[Packing<T, A>::kVecs], T* o_row,
+                               uint8_t* am_row) {
+  using P = Packing<T, A>;
+  constexpr int VL = vec_lanes<A>();
+  T* o = o_row + oj * v.kc + g * P::kStep;
+  if (reinterpret_cast<uintptr_t>(o) % (P::kStep * sizeof(T)) == 0)
+    P::stream(o, best);
+  else
+    P::store(o, best);
+  if (!am_row) return;
+  using Bytes = typename IntVec<uint8_t, VL>::type;
+  uint8_t* am = am_row + oj * v.kc + g * P::kStep;
+  if constexpr (P::kVecs == 1) {
+    const Bytes bytes = __builtin_convertvector(code[0], Bytes);
+    std::memcpy(am, &bytes, VL);
+  } else {
+    static_assert(P::kVecs == 2 && P::kDeinterleaved, "even/odd channel halves");
+    using Pairs = typename IntVec<uint16_t, VL>::type;
+    const Pairs both = __builtin_convertvector(code[0], Pairs) |
+                       (__builtin_convertvector(code[1], Pairs) << 8);
+    std::memcpy(am, &both, 2 * VL);
+  }
+}
+
+// The same for vector q of the group alone: the group's first kVecs - 1 vectors' maxima and
+// codes wait in s.held and s.held_code until its last vector's.
 template <typename T, typename A, typename M>
 SAEP_INLINE void put_max_block(Scratch<A>& s, const View<T, A>& v, int64_t g, int q, int64_t oj,
                                Vec<A> best, M code, T* o_row, uint8_t* am_row) {
   using P = Packing<T, A>;
   constexpr int VL = vec_lanes<A>();
-  store_block<T, A>(s, v.Wo, q, oj, best, o_row + oj * v.kc + g * P::kStep);
-  if (!am_row) return;
-  using Bytes = typename IntVec<uint8_t, VL>::type;
-  const Bytes bytes = __builtin_convertvector(code, Bytes);
-  uint8_t* am = am_row + oj * v.kc + g * P::kStep;
   if constexpr (P::kVecs == 1) {
-    std::memcpy(am, &bytes, VL);
+    put_max_group<T, A, M>(v, g, oj, {best}, {code}, o_row, am_row);
   } else {
-    static_assert(P::kVecs == 2 && P::kDeinterleaved, "even/odd channel halves");
-    using Pairs = typename IntVec<uint16_t, VL>::type;
-    uint8_t* held = s.held_code.data() + oj * VL;
+    static_assert(P::kVecs == 2, "two vectors a group");
+    using Bytes = typename IntVec<uint8_t, VL>::type;
+    A* held = s.held.data() + oj * VL;
+    uint8_t* held_code = s.held_code.data() + oj * VL;
     if (q == 0) {
-      std::memcpy(held, &bytes, VL);
-    } else {
-      Bytes even;
-      std::memcpy(&even, held, VL);
-      const Pairs both =
-          __builtin_convertvector(even, Pairs) | (__builtin_convertvector(bytes, Pairs) << 8);
-      std::memcpy(am, &both, 2 * VL);
+      VecIO<A, A>::store(held, best);
+      if (am_row) {
+        const Bytes bytes = __builtin_convertvector(code, Bytes);
+        std::memcpy(held_code, &bytes, VL);
+      }
+      return;
     }
+    M first_code{};
+    if (am_row) {
+      Bytes bytes;
+      std::memcpy(&bytes, held_code, VL);
+      first_code = __builtin_convertvector(bytes, M);
+    }
+    put_max_group<T, A, M>(v, g, oj, {VecIO<A, A>::load(held), best}, {first_code, code}, o_row,
+                           am_row);
   }
 }
 
 struct NoStep {
   SAEP_INLINE void operator()() const {}
+};
+
+// Window row oi's patch rows in the grid (a_lo .. a_hi of its K1), whether its windows' second
+// position row is (rows_in 2, else 1), and for window oj the same of its columns.
+template <int K1>
+struct MaxWindowRow {
+  int a_lo, a_hi, rows_in;
+  bool full_rows;  // all the patch rows are in the grid
+  int64_t pad, W;
+  template <typename T, typename A>
+  SAEP_INLINE MaxWindowRow(const View<T, A>& v, int64_t oi) : pad(v.pad), W(v.W) {
+    const int64_t r0 = 2 * oi - v.pad;
+    a_lo = int(std::max<int64_t>(0, -r0));
+    a_hi = int(std::min<int64_t>(K1, v.H - r0));
+    rows_in = 1 + int(2 * oi + 1 < v.H);
+    full_rows = rows_in == 2 && a_lo == 0 && a_hi == K1;
+  }
+  // window oj's patch is all in the grid (then so are its four positions)
+  SAEP_INLINE bool inside(int64_t oj) const {
+    return full_rows && 2 * oj - pad >= 0 && 2 * oj - pad + K1 <= W;
+  }
+  SAEP_INLINE int e_lo(int64_t oj) const { return int(std::max<int64_t>(0, pad - 2 * oj)); }
+  SAEP_INLINE int e_hi(int64_t oj) const { return int(std::min<int64_t>(K1, W - 2 * oj + pad)); }
+  SAEP_INLINE int cols_in(int64_t oj) const { return 1 + int(2 * oj + 1 < W); }
 };
 
 // Windows [oj0, oj1) of window row oi for one vector block (vector q of group g), px(a, j) its
@@ -599,41 +679,61 @@ SAEP_INLINE void max_window_row_block(const View<T, A>& v, Scratch<A>& s, int64_
                                       uint8_t* am_row, const OnStep& on_step = OnStep{}) {
   using M = typename VecOf<A>::Mask;
   constexpr int kWindows = kMaxWindows<K1 - 1>;
-  const int64_t r0 = 2 * oi - v.pad;
-  const int a_lo = int(std::max<int64_t>(0, -r0)), a_hi = int(std::min<int64_t>(K1, v.H - r0));
-  const int rows_in = 1 + int(2 * oi + 1 < v.H);
-  // window oj's patch is all in the grid (then so are its four positions)
-  const bool full_rows = rows_in == 2 && a_lo == 0 && a_hi == K1;
-  const auto inside = [&](int64_t oj) SAEP_LAMBDA_INLINE {
-    return full_rows && 2 * oj - v.pad >= 0 && 2 * oj - v.pad + K1 <= v.W;
-  };
+  const MaxWindowRow<K1> row(v, oi);
   for (int64_t oj = oj0; oj < oj1;) {
     on_step();
     const int64_t j0 = 2 * oj - v.pad;
-    if (kWindows > 1 && oj + kWindows <= oj1 && inside(oj) && inside(oj + kWindows - 1)) {
+    if (kWindows > 1 && oj + kWindows <= oj1 && row.inside(oj) && row.inside(oj + kWindows - 1)) {
       Vec<A> best[kWindows];
       M code[kWindows];
       max_block_inside<K1, kWindows, kResidual, kCodes, A>(px, j0, w, b0, best, code);
       for (int i = 0; i < kWindows; ++i)
         put_max_block(s, v, g, q, oj + i, best[i], code[i], o_row, am_row);
       oj += kWindows;
-    } else if (inside(oj)) {
+    } else if (row.inside(oj)) {
       Vec<A> best[1];
       M code[1];
       max_block_inside<K1, 1, kResidual, kCodes, A>(px, j0, w, b0, best, code);
       put_max_block(s, v, g, q, oj, best[0], code[0], o_row, am_row);
       ++oj;
     } else {
-      const int e_lo = int(std::max<int64_t>(0, -j0));
-      const int e_hi = int(std::min<int64_t>(K1, v.W - j0));
-      const int cols_in = 1 + int(2 * oj + 1 < v.W);
       Vec<A> best{};
       M code{};
-      max_block_edge<K1, kResidual, kCodes, A>(px, j0, w, b0, rows_in, cols_in, a_lo, a_hi, e_lo,
-                                               e_hi, best, code);
+      max_block_edge<K1, kResidual, kCodes, A>(px, j0, w, b0, row.rows_in, row.cols_in(oj),
+                                               row.a_lo, row.a_hi, row.e_lo(oj), row.e_hi(oj),
+                                               best, code);
       put_max_block(s, v, g, q, oj, best, code, o_row, am_row);
       ++oj;
     }
+  }
+}
+
+// Windows [0, Wo) of window row oi for all kVecs vector blocks of group g at once (bf16: its
+// even and odd channels), a window a step: px(a, j, x) puts the group's blocks of patch row a at
+// input column j into x from one load, the blocks' weights w[h] and biases b0[h] in registers.
+// on_step() is called before each window; kCodes as in max_window_row_block.
+template <int K1, bool kResidual, bool kCodes, typename T, typename A, typename Px,
+          typename OnStep>
+SAEP_INLINE void max_window_row_group(const View<T, A>& v, int64_t oi, int64_t g, const Px& px,
+                                      const Vec<A> (&w)[Packing<T, A>::kVecs][K1 - 1][K1 - 1],
+                                      const Vec<A> (&b0)[Packing<T, A>::kVecs], T* o_row,
+                                      uint8_t* am_row, const OnStep& on_step) {
+  using M = typename VecOf<A>::Mask;
+  constexpr int NB = Packing<T, A>::kVecs;
+  const MaxWindowRow<K1> row(v, oi);
+  for (int64_t oj = 0; oj < v.Wo; ++oj) {
+    on_step();
+    const int64_t j0 = 2 * oj - v.pad;
+    Vec<A> best[NB];
+    M code[NB];
+    if (row.inside(oj))
+      max_blocks_window<K1, NB, true, kResidual, kCodes, A>(px, j0, w, b0, 2, 2, 0, K1, 0, K1,
+                                                            best, code);
+    else
+      max_blocks_window<K1, NB, false, kResidual, kCodes, A>(
+          px, j0, w, b0, row.rows_in, row.cols_in(oj), row.a_lo, row.a_hi, row.e_lo(oj),
+          row.e_hi(oj), best, code);
+    put_max_group<T, A, M>(v, g, oj, best, code, o_row, am_row);
   }
 }
 
@@ -683,9 +783,11 @@ SAEP_INLINE void max_forward_staged(const View<T, A>& v, const A* bias, T* out, 
   });
 }
 
-// From the input in place, window row by window row, one vector block of a Packing group at a
-// time (bf16: each load of a pixel's group split into the block's even or odd channels), the
-// block's weights in registers, as max_forward_staged walks its staged rows; the next window
+// From the input in place, window row by window row, one Packing group of channels at a time.
+// bf16 (two vector blocks a group: the even and the odd channels) with k <= 3: a window a step,
+// both blocks from one load of each pixel (max_window_row_group; their 2 k * k weights and eight
+// chains fit the registers). Otherwise one vector block a walk (max_window_row_block), the
+// block's weights in registers, as max_forward_staged walks its staged rows. The next window
 // row's new input rows are prefetched in slices, one a group, a line before each step of the
 // group's walks and the slice's rest after them. Measured against the whole slice at the
 // group's start (cpu_kernel_bench, B=8, 2 threads, 6 interleaved rounds, median ms [range]):
@@ -694,22 +796,30 @@ SAEP_INLINE void max_forward_staged(const View<T, A>& v, const A* bias, T* out, 
 // [4.32-4.87] vs 4.78 [4.59-5.27]. Two lines a step measured the same; the slice spread evenly
 // over the steps (all lines before its walks end) was slower in fp32. A profile (perf, cpu-clock)
 // of the slice at once put 12% of the bf16 siglip-so400m samples on its prefetch loop.
-// With C = 1024 a group's pixels (2048 bytes apart in bf16) fall into two L1 sets, and in a
-// cache model of this walk (scripts/cpu_cache_model.py) 36% of llava15-7b's bf16 input loads
-// hit L1 against 68% without conflicts (C = 1056, or siglip-so400m's 1152): the odd block's
-// walk finds none of the even block's lines. Measured (cpu_kernel_bench forward_no_argmax, B=8,
-// 2 threads, slow spells, medians of interleaved processes): C = 1056 took 4.75 ms per 1024
-// channels on llava15-7b's grid against 5.63 at C = 1024 (fp32 5.45 vs 6.49), and a profile
-// (perf, cpu-clock) put 37% of the bf16 inside steps' samples on their first 30 of ~165
-// instructions (the loads and their first uses) for llava15-7b, 20% for siglip-so400m (18% if
-// spread evenly). Walking both blocks a step at a time (the odd block's loads then L1 hits)
-// took 1.09x as long on llava15-7b and 1.18x on siglip-so400m with both blocks' weights held,
-// 1.12x and 1.17x with each block's weights reloaded each step (10 pairs each; pair ratios
-// spread 0.7-2.2 on this machine): kept one block a walk.
-// A masked vmovdqu16 load from two bytes before the group for the even block, instead of the
-// load and shift (a scratch loop, L1-resident: 20.3 vs 23.5 ns a step), took 1.7x as long here
-// on llava15-7b (its lines split: the line before the group is rarely in L1).
+// The bf16 group walk replaced a walk of each block in turn (two windows a step, each load split
+// into the block's channels): with C = 1024 a group's pixels (2048 bytes apart) fall into two L1
+// sets, and in a cache model of that walk (scripts/cpu_cache_model.py) 36% of llava15-7b's input
+// loads hit L1 against 68% without conflicts (C = 1056, or siglip-so400m's 1152): the odd
+// block's walk found none of the even block's lines. C = 1056 took 4.75 ms per 1024 channels on
+// llava15-7b's grid against 5.63 at C = 1024, and a profile (perf, cpu-clock) put 37% of the
+// inside steps' samples on their first 30 of ~165 instructions (the loads and their first uses)
+// for llava15-7b, 20% for siglip-so400m (18% if spread evenly). The group walk makes 38% fewer
+// loads (16 a window for both blocks against 24 for two windows of one block), and by the model
+// half as many of llava15-7b's miss L1 (siglip-so400m's as many as before); each load is
+// converted twice. Measured (cpu_kernel_bench, B=8, 2 threads, 8 interleaved process pairs, a
+// slow spell: fma_peak 154-169 G against 236 G quiet; median ratio new/old [range], faster in):
+// forward_no_argmax llava15-7b 0.82 [0.58-0.84] 8/8 and 0.86 [0.55-1.03] 7/8, siglip-so400m
+// 0.90 [0.57-1.31] 7/8 and 0.87 [0.70-1.53] 7/8; the forward with the argmax 0.75 [0.52-0.95]
+// 8/8, 0.73 [0.60-1.04] 7/8. Bitwise the same (cpu_bitwise_hash).
+// Tried before it and dropped: walking both blocks a step at a time with two windows a step
+// (1.09x-1.18x as long: the weights of both blocks did not fit with two windows' chains); a
+// masked vmovdqu16 load from two bytes before the group for the even block, instead of the load
+// and shift (1.7x as long on llava15-7b: its loads split lines, and the line before the group
+// is rarely in L1).
 // kCodes: the argmax codes are kept (argmax is not null), else window_max's faster max.
+template <typename T, typename A, int K>
+constexpr bool kMaxGroupWalk = Packing<T, A>::kVecs > 1 && K <= 3;
+
 template <int K1, bool kResidual, bool kCodes, typename T, typename A>
 SAEP_INLINE void max_forward_in_place(const View<T, A>& v, const A* bias, T* out,
                                       uint8_t* argmax, Scratch<A>& s) {
@@ -731,6 +841,20 @@ SAEP_INLINE void max_forward_in_place(const View<T, A>& v, const A* bias, T* out
       // patch row a's group g at input column 0
       const T* base[K1] = {};
       for (int a = a_lo; a < a_hi; ++a) base[a] = v.px(r0 + a, 0) + g * P::kStep;
+      if constexpr (kMaxGroupWalk<T, A, K>) {
+        Vec<A> w[P::kVecs][K][K], b0[P::kVecs];
+        for (int q = 0; q < P::kVecs; ++q) {
+          const int64_t b = g * P::kVecs + q;
+          load_taps<K>(packed.w, ws, b, w[q]);
+          b0[q] = packed.bias ? VecIO<A, A>::load(packed.bias + b * VL) : Vec<A>{};
+        }
+        const auto px = [&base, st](int a, int64_t j, Vec<A>(&x)[P::kVecs]) SAEP_LAMBDA_INLINE {
+          P::load(base[a] + j * st, x);
+        };
+        max_window_row_group<K1, kResidual, kCodes>(v, oi, g, px, w, b0, o_row, am_row, on_step);
+        slice.rest();
+        continue;
+      }
       const auto block = [&](auto vec) SAEP_LAMBDA_INLINE {
         constexpr int q = decltype(vec)::value;
         const int64_t b = g * P::kVecs + q;
