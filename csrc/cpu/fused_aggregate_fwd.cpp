@@ -783,6 +783,11 @@ SAEP_INLINE void max_forward_staged(const View<T, A>& v, const A* bias, T* out, 
   });
 }
 
+// The in-place max forward walks a group's vector blocks together (max_window_row_group) where
+// there are two and their 2 k * k weights and eight chains fit the 32 registers with the loads.
+template <typename T, typename A, int K>
+constexpr bool kMaxGroupWalk = Packing<T, A>::kVecs > 1 && K <= 3;
+
 // From the input in place, window row by window row, one Packing group of channels at a time.
 // bf16 (two vector blocks a group: the even and the odd channels) with k <= 3: a window a step,
 // both blocks from one load of each pixel (max_window_row_group; their 2 k * k weights and eight
@@ -817,9 +822,6 @@ SAEP_INLINE void max_forward_staged(const View<T, A>& v, const A* bias, T* out, 
 // and shift (1.7x as long on llava15-7b: its loads split lines, and the line before the group
 // is rarely in L1).
 // kCodes: the argmax codes are kept (argmax is not null), else window_max's faster max.
-template <typename T, typename A, int K>
-constexpr bool kMaxGroupWalk = Packing<T, A>::kVecs > 1 && K <= 3;
-
 template <int K1, bool kResidual, bool kCodes, typename T, typename A>
 SAEP_INLINE void max_forward_in_place(const View<T, A>& v, const A* bias, T* out,
                                       uint8_t* argmax, Scratch<A>& s) {
