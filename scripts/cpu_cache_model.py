@@ -7,7 +7,7 @@ one core's caches: L1D 48 KiB 12-way, L2 2 MiB 16-way, 64-byte lines, LRU, no ha
 prefetcher; the kernel's own prefetches of the next window row (``Prefetch``, prefetcht1) fill
 L2, and its stores are non-temporal (not modelled). The walk: window row by window row, one
 Packing group of channels (64 bytes of a pixel) at a time. bf16 ("group", the kernel's walk
-since the group walk): a window a step, its 4 x 4 patch pixels loaded once for both vector
+since dfb3ef5): a window a step, its 4 x 4 patch pixels loaded once for both vector
 blocks (the even and the odd channels). fp32 ("blocks"): the group's one vector block along the
 row, two windows a step (their 4 x 6 patch pixels loaded once each) where both patches are in
 the grid, else one (its in-grid patch pixels); ``--walk blocks`` models bf16 so too, each of its
