@@ -11,7 +11,9 @@
 // max: one vector of channels at a time, the weights in registers, from the same staged rows
 // (bf16 and fp32 with AVX-512: from the input in place, max_forward_in_place); a window's
 // four conv outputs (two windows' eight, kMaxWindows) are interleaved chains, then the running
-// maximum; the argmax (window position 0..3) is saved for the backward when asked.
+// maximum; the argmax (window position 0..3) is saved for the backward when asked. bf16 in
+// place with k <= 3: both vector blocks of a group (even and odd channels) a window a step,
+// their eight chains from one load of each pixel (max_window_row_group, kMaxGroupWalk).
 // max_window (each position a dot product over all channels, from the input in place) does the
 // channels past the last full vector group.
 #include "fused_aggregate_cpu.h"
@@ -566,11 +568,13 @@ SAEP_INLINE void max_block_inside(const Px& px, int64_t j0, const Vec<A> (&w)[K1
   for (int i = 0; i < NW; ++i) window_max<kCodes, A>(z[i], AllPositions{}, best[i], code[i]);
 }
 
-// The max forward's windows per inside-kernel call: two where the k * k weights, the eight
-// chains and the loads fit into the registers (AVX-512, k <= 3), else one. A window alone is
-// four chains of k * k + 1 dependent steps; two windows also share their middle patch
-// columns' loads. Measured (cpu_kernel_bench, AVX-512, B=8, 2 threads, interleaved, ms):
-// siglip-so400m bf16 6.6-7.1 vs 7.2-7.6, fp32 8.4-8.6 vs 9.0-9.2; llava15-7b 3-5% faster.
+// The block walk's windows per inside-kernel call (max_window_row_block: fp32 in place, bf16
+// in place with k >= 5, and the staged rows): two where the k * k weights, the eight chains
+// and the loads fit into the registers (AVX-512, k <= 3), else one. A window alone is four
+// chains of k * k + 1 dependent steps; two windows also share their middle patch columns'
+// loads. Measured (cpu_kernel_bench, AVX-512, B=8, 2 threads, interleaved, ms; the bf16 figure
+// is of the block walk bf16 used before the group walk): siglip-so400m bf16 6.6-7.1 vs
+// 7.2-7.6, fp32 8.4-8.6 vs 9.0-9.2; llava15-7b 3-5% faster.
 template <int K>
 constexpr int kMaxWindows = (SAEP_CPU_VEC_REGISTERS >= 32 && K <= 3) ? 2 : 1;
 
@@ -809,10 +813,11 @@ constexpr bool kMaxGroupWalk = Packing<T, A>::kVecs > 1 && K <= 3;
 // llava15-7b's grid against 5.63 at C = 1024, and a profile (perf, cpu-clock) put 37% of the
 // inside steps' samples on their first 30 of ~165 instructions (the loads and their first uses)
 // for llava15-7b, 20% for siglip-so400m (18% if spread evenly). The group walk makes 38% fewer
-// loads (16 a window for both blocks against 24 for two windows of one block), and by the model
-// half as many of llava15-7b's miss L1 (siglip-so400m's as many as before); each load is
-// converted twice. Measured (cpu_kernel_bench, B=8, 2 threads, 8 interleaved process pairs, a
-// slow spell: fma_peak 154-169 G against 236 G quiet; median ratio new/old [range], faster in):
+// loads (20 a window for both blocks against 32 for two windows of one block, the residual's
+// included; 16 against 24 without them), and by the model half as many of llava15-7b's miss
+// L1 (siglip-so400m's as many as before); each load is converted twice. Measured
+// (cpu_kernel_bench, B=8, 2 threads, 8 interleaved process pairs, a slow spell: fma_peak
+// 154-169 G against 236 G quiet; median ratio new/old [range], faster in):
 // forward_no_argmax llava15-7b 0.82 [0.58-0.84] 8/8 and 0.86 [0.55-1.03] 7/8, siglip-so400m
 // 0.90 [0.57-1.31] 7/8 and 0.87 [0.70-1.53] 7/8; the forward with the argmax 0.75 [0.52-0.95]
 // 8/8, 0.73 [0.60-1.04] 7/8. Bitwise the same (cpu_bitwise_hash).
@@ -820,7 +825,11 @@ constexpr bool kMaxGroupWalk = Packing<T, A>::kVecs > 1 && K <= 3;
 // (1.09x-1.18x as long: the weights of both blocks did not fit with two windows' chains); a
 // masked vmovdqu16 load from two bytes before the group for the even block, instead of the load
 // and shift (1.7x as long on llava15-7b: its loads split lines, and the line before the group
-// is rarely in L1).
+// is rarely in L1). Its inside step (objdump, GCC) has 72 FMAs, 32 conversions, 8 adds and
+// 50-64 register-to-register moves: the 18 weights, eight chains, biases, mask and both halves
+// of each pixel overfill the 32 registers (9 weights stay FMA memory operands). The FMA as
+// inline asm (vfmadd231ps, the chain's register tied) left 57-62 moves and made the step
+// longer: not kept, not timed.
 // kCodes: the argmax codes are kept (argmax is not null), else window_max's faster max.
 template <int K1, bool kResidual, bool kCodes, typename T, typename A>
 SAEP_INLINE void max_forward_in_place(const View<T, A>& v, const A* bias, T* out,
@@ -883,7 +892,8 @@ SAEP_INLINE void max_forward_in_place(const View<T, A>& v, const A* bias, T* out
 }
 
 // bf16 and fp32 from the input in place with AVX-512 (the registers hold the k * k weights and
-// both windows' eight chains; the staged kernels' loop otherwise): measured (cpu_kernel_bench,
+// two windows' eight chains of one block, or for bf16 with k <= 3 both blocks' weights and one
+// window's eight chains; the staged kernels' loop otherwise): measured (cpu_kernel_bench,
 // B=8, 2 threads, interleaved, ms) against the staged rows, whose staging writes and reads back
 // the input's bytes (twice them in bf16, staged as fp32): bf16 llava15-7b 4.1-4.4 vs 5.0-5.1,
 // siglip-so400m 5.6-5.9 vs 6.7-7.6 (without the prefetch of the next rows 11.6-12.2: a 27 x 27
