@@ -825,9 +825,9 @@ constexpr bool kMaxGroupWalk = Packing<T, A>::kVecs > 1 && K <= 3;
 // (1.09x-1.18x as long: the weights of both blocks did not fit with two windows' chains); a
 // masked vmovdqu16 load from two bytes before the group for the even block, instead of the load
 // and shift (1.7x as long on llava15-7b: its loads split lines, and the line before the group
-// is rarely in L1). Its inside step (objdump, GCC) has 72 FMAs, 32 conversions, 8 adds and
-// 50-64 register-to-register moves: the 18 weights, eight chains, biases, mask and both halves
-// of each pixel overfill the 32 registers (9 weights stay FMA memory operands). The FMA as
+// is rarely in L1). The group walk's inside step (objdump, GCC) has 72 FMAs, 32 conversions, 8
+// adds and 50-64 register-to-register moves: the 18 weights, eight chains, biases, mask and both
+// halves of each pixel overfill the 32 registers (9 weights stay FMA memory operands). The FMA as
 // inline asm (vfmadd231ps, the chain's register tied) left 57-62 moves and made the step
 // longer: not kept, not timed.
 // kCodes: the argmax codes are kept (argmax is not null), else window_max's faster max.
